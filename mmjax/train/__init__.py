@@ -1,0 +1,1 @@
+"""Training: state, the shared step, the loop."""

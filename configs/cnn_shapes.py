@@ -1,0 +1,38 @@
+"""The judge: a ResNet classifier of shape, color, size and position on `shapes`.
+
+    python train.py --config configs/cnn_shapes.py --workdir runs/judge
+    python train.py --config configs/cnn_shapes.py:tiny --workdir runs/judge_tiny   # CPU smoke run
+"""
+
+from mmjax.config import base_config
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.family = "cnn"
+    c.variant = "small"
+    c.data.max_len = 64
+    c.train.batch_size = 64
+    c.train.num_steps = 1500
+    c.train.ema_decay = 0.99
+    c.train.log_every = 50
+    c.train.eval_every = 500
+    c.train.eval_batches = 8
+    c.train.checkpoint_every = 500
+    c.optim.lr = 2e-3
+    c.optim.weight_decay = 1e-4
+    c.optim.warmup_steps = 100
+    if arg == "tiny":
+        c.variant = "tiny"
+        c.data.image_size = 16
+        c.data.num_test = 256
+        c.train.batch_size = 16
+        c.train.num_steps = 20
+        c.train.log_every = 5
+        c.train.eval_every = 10
+        c.train.eval_batches = 1
+        c.train.checkpoint_every = 10
+        c.optim.warmup_steps = 2
+    elif arg:
+        raise ValueError(f"unknown config variant {arg!r}; known: 'tiny'")
+    return c

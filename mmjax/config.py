@@ -1,0 +1,231 @@
+"""Config loading, command-line overrides and validation.
+
+Configs are Python files with `get_config(arg=None) -> ConfigDict`; `path.py:tiny` passes
+"tiny" as `arg`. Overrides come as `key.sub=value` strings and are applied to a locked config,
+so a typo or a wrong type is an error that names the key, raised before anything compiles.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+from collections.abc import Iterable, Sequence
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message names the key."""
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
+    """Loads `path/to/config.py[:arg]`, applies `key=value` overrides and validates."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path!r}")
+    module_spec = importlib.util.spec_from_file_location(
+        f"mmjax_config_{abs(hash(os.path.abspath(path)))}", path
+    )
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # a broken config file is the user's to fix: say which one.
+        raise ConfigError(f"could not execute config file {path!r}: {e!r}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path!r} defines no get_config(arg=None)")
+    try:
+        config = module.get_config(arg or None)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from e
+    config.lock()
+    apply_overrides(config, overrides)
+    validate(config)
+    return config
+
+
+def split_override_args(args: Sequence[str]) -> list[str]:
+    """`--config.a.b=1` / `--config.a.b 1` command-line words -> ["a.b=1"]; others are errors."""
+    overrides, i = [], 0
+    while i < len(args):
+        word = args[i]
+        if not word.startswith("--config."):
+            raise ConfigError(f"unrecognised argument {word!r} (overrides look like --config.optim.lr=3e-4)")
+        key, sep, value = word[len("--config."):].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --config.{key} has no value")
+            value, i = args[i + 1], i + 1
+        overrides.append(f"{key}={value}")
+        i += 1
+    return overrides
+
+
+def parse_value(text: str):
+    """`3e-4` -> float, `(1, 2)` -> tuple, `true` -> True, anything unparsable -> str."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _known_keys(config: ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in config.items():
+        full = f"{prefix}{key}"
+        keys.append(full)
+        if isinstance(value, ConfigDict):
+            keys.extend(_known_keys(value, full + "."))
+    return keys
+
+
+def apply_overrides(config: ConfigDict, overrides: Iterable[str]) -> None:
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        set_value(config, key.strip(), parse_value(raw))
+
+
+def set_value(config: ConfigDict, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    node = config
+    for depth, part in enumerate(parents):
+        if not isinstance(node, ConfigDict) or part not in node:
+            _unknown_key(config, ".".join(parents[: depth + 1]))
+        node = node[part]
+    if not isinstance(node, ConfigDict) or leaf not in node:
+        _unknown_key(config, key)
+    old = node[leaf]
+    if isinstance(old, ConfigDict):
+        raise ConfigError(f"config key {key!r} is a section; override one of its fields")
+    # ConfigDict converts int -> float on its own; reject the lossy and the wrong.
+    if isinstance(old, bool) != isinstance(value, bool) and old is not None:
+        raise ConfigError(f"config key {key!r} expects {type(old).__name__}, got {value!r}")
+    if isinstance(old, tuple) and isinstance(value, list):
+        value = tuple(value)
+    try:
+        node[leaf] = value
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            f"config key {key!r} expects {type(old).__name__}, got {value!r}"
+        ) from e
+
+
+def _unknown_key(config: ConfigDict, key: str):
+    close = difflib.get_close_matches(key, _known_keys(config), n=3)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def validate(config: ConfigDict) -> None:
+    """Checks that need no devices: run before any directory is made or anything compiles."""
+    from mmjax import zoo  # zoo imports families; keep config importable on its own
+
+    if config.family not in zoo.FAMILIES:
+        raise ConfigError(
+            f"config key 'family': unknown family {config.family!r}; known: {sorted(zoo.FAMILIES)}"
+        )
+    family = zoo.FAMILIES[config.family]
+    if config.variant not in family.variants:
+        raise ConfigError(
+            f"config key 'variant': family {config.family!r} has no variant {config.variant!r}; "
+            f"known: {sorted(family.variants)}"
+        )
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"config key 'dtype' must be one of {DTYPES}, got {config.dtype!r}")
+    from mmjax.data import pipeline
+
+    if config.data.name not in pipeline.SOURCES:
+        raise ConfigError(
+            f"config key 'data.name': unknown dataset {config.data.name!r}; "
+            f"known: {sorted(pipeline.SOURCES)}"
+        )
+    positive = {
+        "train.batch_size": config.train.batch_size,
+        "train.num_steps": config.train.num_steps,
+        "train.log_every": config.train.log_every,
+        "train.grad_accum": config.train.grad_accum,
+        "data.max_len": config.data.max_len,
+    }
+    for key, value in positive.items():
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"config key {key!r} must be a positive integer, got {value!r}")
+    if config.train.batch_size % config.train.grad_accum:
+        raise ConfigError(
+            f"config key 'train.batch_size' ({config.train.batch_size}) must be divisible by "
+            f"'train.grad_accum' ({config.train.grad_accum})"
+        )
+    if not 0.0 <= config.train.ema_decay < 1.0:
+        raise ConfigError(f"config key 'train.ema_decay' must be in [0, 1), got {config.train.ema_decay}")
+    if config.optim.lr <= 0:
+        raise ConfigError(f"config key 'optim.lr' must be positive, got {config.optim.lr}")
+    if config.optim.schedule not in ("constant", "cosine"):
+        raise ConfigError(
+            f"config key 'optim.schedule' must be 'constant' or 'cosine', got {config.optim.schedule!r}"
+        )
+    if not 16 <= config.data.image_size <= 256:
+        raise ConfigError(f"config key 'data.image_size' must be in [16, 256], got {config.data.image_size}")
+
+
+def base_config() -> ConfigDict:
+    """Fields every family shares; a family's config file fills in and overrides."""
+    c = ConfigDict()
+    c.family = ""
+    c.variant = ""
+    c.model = ConfigDict()  # fields passed to the model constructor: Model(**config.model)
+    c.dtype = "float32"  # compute dtype; parameters are always stored in float32
+    c.loss = ConfigDict()  # family objective settings
+
+    c.data = ConfigDict()
+    c.data.name = "shapes"
+    c.data.image_size = 32
+    c.data.seed = 0
+    c.data.num_train = None
+    c.data.num_test = None
+    c.data.max_len = 64
+    c.data.worker_count = 0
+    c.data.augment = False
+    c.data.path = ""
+
+    c.train = ConfigDict()
+    c.train.seed = 0
+    c.train.batch_size = 64
+    c.train.num_steps = 1000
+    c.train.grad_accum = 1
+    c.train.ema_decay = 0.999
+    c.train.log_every = 50
+    c.train.sample_every = 500
+    c.train.eval_every = 500
+    c.train.eval_batches = 4
+    c.train.checkpoint_every = 500
+    c.train.keep_latest = 3
+    c.train.keep_best = 1
+    c.train.max_nonfinite = 0  # non-finite steps tolerated (skipped) before the run halts
+    c.train.compilation_cache = ""  # "" = <workdir>/../.jax_cache; "off" disables
+    c.train.progress = True
+
+    c.optim = ConfigDict()
+    c.optim.name = "adamw"
+    c.optim.lr = 1e-3
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.weight_decay = 0.0
+    c.optim.grad_clip = 1.0
+    c.optim.schedule = "cosine"  # warm-up then cosine decay to lr * min_lr_ratio
+    c.optim.warmup_steps = 100
+    c.optim.min_lr_ratio = 0.1
+
+    c.sample = ConfigDict()
+    c.sample.num = 16
+    return c

@@ -1,0 +1,249 @@
+"""The Grain input pipeline: host-only numpy, index-addressable batches.
+
+Batch k is `dataset[k]` of a grain `MapDataset`, so it is a pure function of
+(seed, k, process_index, process_count). Resuming needs only the next batch index, and the
+result does not depend on the number of worker processes, unlike a grain iterator state.
+The one seam to devices is the caller's `jax.make_array_from_process_local_data`.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import grain
+import numpy as np
+
+from mmjax.data.shapes import ShapesSource
+from mmjax.data.tokenizer import ByteTokenizer, encode_texts
+
+logger = logging.getLogger(__name__)
+
+LABEL_KEYS = ("shape", "color", "size", "position")
+# Passed from the batch function (possibly in a worker process) to BatchIterator, which
+# counts and removes it, so truncation is reported in the consuming process.
+_TRUNCATED_KEY = "_num_truncated"
+
+
+class RandomAccessSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict: ...
+
+
+def _make_shapes(data_cfg: Any, split: str) -> RandomAccessSource:
+    num_records = getattr(data_cfg, "num_train" if split == "train" else "num_test", None)
+    return ShapesSource(
+        split=split, image_size=data_cfg.image_size, seed=data_cfg.seed, num_records=num_records
+    )
+
+
+# Explicit registry: a new dataset adds an entry here.
+SOURCES: dict[str, Callable[[Any, str], RandomAccessSource]] = {"shapes": _make_shapes}
+
+
+def make_source(data_cfg: Any, split: str) -> RandomAccessSource:
+    """The split of the dataset named by `data_cfg.name`, configured from `data_cfg`."""
+    if data_cfg.name not in SOURCES:
+        raise ValueError(f"unknown dataset {data_cfg.name!r}; known datasets: {sorted(SOURCES)}")
+    return SOURCES[data_cfg.name](data_cfg, split)
+
+
+def _flip_horizontally(record: dict, rng: np.random.Generator) -> dict:
+    # Off by default for shapes: its captions and position labels name left and right, and
+    # a flip would make them wrong. Labels are deliberately not rewritten here.
+    if rng.random() < 0.5:
+        record = dict(record, image=record["image"][:, ::-1])
+    return record
+
+
+def _collate(records: Sequence[dict], max_len: int) -> dict:
+    """Stacks records into model inputs: images NHWC float32 in [-1, 1], tokens int32;
+    captions are tokenized here and never enter the batch as strings."""
+    images = np.stack([r["image"] for r in records]).astype(np.float32)
+    tokens, truncated = encode_texts([r["caption"] for r in records], max_len)
+    batch = {"image": images / 127.5 - 1.0, "tokens": tokens}
+    for key in LABEL_KEYS:
+        batch[key] = np.asarray([r[key] for r in records], np.int32)
+    batch["unseen"] = np.asarray([r["unseen"] for r in records], bool)
+    batch[_TRUNCATED_KEY] = truncated
+    return batch
+
+
+class _Collate:
+    """Picklable batch function (grain pickles the pipeline into worker processes)."""
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+
+    def __call__(self, records: Sequence[dict]) -> dict:
+        return _collate(records, self.max_len)
+
+
+def make_batch_dataset(
+    source: RandomAccessSource,
+    *,
+    global_batch: int,
+    max_len: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    augment: bool = False,
+) -> grain.MapDataset:
+    """A `MapDataset` whose element k is this process's k-th local batch."""
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"bad process_index={process_index} for process_count={process_count}")
+    if global_batch < 1 or global_batch % process_count:
+        raise ValueError(
+            f"global_batch={global_batch} must be a positive multiple of "
+            f"process_count={process_count}"
+        )
+    local_batch = global_batch // process_count
+    per_process = len(source) // process_count
+    if per_process < local_batch:
+        raise ValueError(
+            f"{len(source)} records give each of {process_count} processes {per_process}, "
+            f"fewer than one local batch of {local_batch}"
+        )
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+
+    ds = grain.MapDataset.source(source)
+    if augment:
+        # Seeded by (seed, record index, epoch) through grain's index propagation, so a
+        # record's flip does not depend on the process count.
+        ds = ds.random_map(_flip_horizontally, seed=seed)
+    if shuffle:
+        # Reshuffled each epoch: `repeat` below feeds the epoch number back into the seed.
+        ds = ds.shuffle(seed=seed)
+    # Drop the epoch's remainder so every process gets the same number of records; then
+    # stride, so processes read disjoint records of the same shuffled epoch.
+    ds = ds[: per_process * process_count][process_index::process_count]
+    ds = ds.repeat(num_epochs)
+    return ds.batch(local_batch, drop_remainder=True, batch_fn=_Collate(max_len))
+
+
+def _allow_unparsed_absl_flags() -> None:
+    # grain's mp_prefetch reads an absl flag and raises UnparsedFlagAccessError in
+    # programs that do not start through absl.app (pytest, notebooks): google/grain#1355.
+    # Marking flags parsed keeps their defaults; an absl.app program has parsed them already.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+class BatchIterator(Iterator[dict]):
+    """Iterates local batches from `start_batch` on, tracking the next batch index.
+
+    `get_state()` is JSON-serialisable; resume with
+    `make_batches(..., start_batch=state["next_batch"])` (checked by `check_resume`).
+    """
+
+    def __init__(
+        self,
+        dataset: grain.MapDataset,
+        *,
+        start_batch: int,
+        worker_count: int,
+        max_len: int,
+        describe: dict,
+    ):
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        self._next_batch = int(start_batch)
+        self._describe = describe
+        self._tokenizer = ByteTokenizer(max_len)
+        # Elements here are whole batches, so a short buffer is plenty and bounds memory.
+        read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+        ds = dataset[start_batch:].to_iter_dataset(read_options)
+        if worker_count > 0:
+            _allow_unparsed_absl_flags()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+        self._iterator = iter(ds)
+
+    @property
+    def num_truncated(self) -> int:
+        """Captions truncated by tokenization so far (warned about once)."""
+        return self._tokenizer.num_truncated
+
+    def __next__(self) -> dict:
+        batch = next(self._iterator)
+        self._tokenizer.record_truncated(int(batch.pop(_TRUNCATED_KEY)))
+        self._next_batch += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"next_batch": self._next_batch, **self._describe}
+
+    def check_resume(self, state: dict) -> None:
+        """Refuses a saved state taken under a different seed, batch size or sharding,
+        where its next_batch would address different data."""
+        for key, value in self._describe.items():
+            if key in state and state[key] != value:
+                raise ValueError(
+                    f"data iterator state has {key}={state[key]!r} but this run has {value!r}"
+                )
+
+    def close(self) -> None:
+        """Stops worker processes now rather than at garbage collection."""
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> BatchIterator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_batches(
+    source: RandomAccessSource,
+    *,
+    global_batch: int,
+    max_len: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    start_batch: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    worker_count: int = 0,
+    augment: bool = False,
+) -> BatchIterator:
+    """This process's batches: dicts of numpy arrays with `image` float32 [b, S, S, 3] in
+    [-1, 1], `tokens` int32 [b, max_len], `shape`/`color`/`size`/`position` int32 [b] and
+    `unseen` bool [b], where b = global_batch // process_count.
+
+    `num_epochs=None` repeats forever. Each epoch drops `len(source) % process_count`
+    records so processes get equal shares; batches may straddle epochs, and only a final
+    partial batch is dropped. `augment` flips images horizontally at random; leave it off
+    for shapes, whose captions name left and right.
+    """
+    dataset = make_batch_dataset(
+        source,
+        global_batch=global_batch,
+        max_len=max_len,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        augment=augment,
+    )
+    describe = {
+        "seed": int(seed),
+        "global_batch": int(global_batch),
+        "process_count": int(process_count),
+        "shuffle": bool(shuffle),
+        "augment": bool(augment),
+    }
+    return BatchIterator(
+        dataset,
+        start_batch=start_batch,
+        worker_count=worker_count,
+        max_len=max_len,
+        describe=describe,
+    )

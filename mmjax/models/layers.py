@@ -1,0 +1,250 @@
+"""Shared building blocks for every model family.
+
+All modules carry `dtype` (compute) and `param_dtype` (storage) and forward both to their
+children. Normalisation statistics and attention softmax run in float32 whatever `dtype` is,
+because bfloat16 has too few mantissa bits for a variance over thousands of activations.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def _num_groups(groups: int, channels: int) -> int:
+    # Tiny test variants have fewer channels than the configured group count; falling back to a
+    # divisor keeps one `groups` setting usable across all widths instead of erroring.
+    return math.gcd(groups, channels)
+
+
+class GroupNorm32(nn.Module):
+    """GroupNorm whose statistics and affine run in float32; output is cast to `dtype`."""
+
+    groups: int = 32
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        norm = nn.GroupNorm(
+            num_groups=_num_groups(self.groups, x.shape[-1]),
+            epsilon=self.epsilon,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+        )
+        return norm(x.astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm32(nn.Module):
+    """LayerNorm computed in float32; output is cast to `dtype`."""
+
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        norm = nn.LayerNorm(epsilon=self.epsilon, dtype=jnp.float32, param_dtype=self.param_dtype)
+        return norm(x.astype(jnp.float32)).astype(self.dtype)
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block (GroupNorm, SiLU, conv) x 2 with optional FiLM.
+
+    `cond` is a vector `[B, C]` (a timestep embedding, a pooled caption, ...). It becomes a
+    per-channel scale and shift applied after the second norm. That Dense starts at zero so a
+    conditioned block begins as the plain block, which keeps early training stable.
+    """
+
+    features: int
+    groups: int = 32
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cond: jax.Array | None = None, train: bool = False):
+        conv = lambda name: nn.Conv(  # noqa: E731
+            self.features, (3, 3), dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+        norm = lambda name: GroupNorm32(  # noqa: E731
+            self.groups, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+        h = conv("conv1")(nn.silu(norm("norm1")(x)))
+        h = norm("norm2")(h)
+        if cond is not None:
+            film = nn.Dense(
+                2 * self.features,
+                kernel_init=nn.initializers.zeros,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="film",
+            )(nn.silu(cond.astype(self.dtype)))
+            scale, shift = jnp.split(film[:, None, None, :], 2, axis=-1)
+            h = h * (1 + scale) + shift
+        h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+        h = conv("conv2")(h)
+        if x.shape[-1] != self.features:
+            x = nn.Conv(
+                self.features, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype, name="skip"
+            )(x)
+        return x.astype(self.dtype) + h
+
+
+class Downsample(nn.Module):
+    """Halves H and W with a stride-2 3x3 conv (learned, unlike pooling)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.Conv(
+            self.features, (3, 3), strides=(2, 2), dtype=self.dtype, param_dtype=self.param_dtype
+        )(x)
+
+
+class Upsample(nn.Module):
+    """Doubles H and W: nearest-neighbour repeat then a 3x3 conv (no checkerboard artefacts)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return nn.Conv(self.features, (3, 3), dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention: self-attention when `context` is None, cross-attention otherwise.
+
+    `x` is `[B, ..., D]`; the middle axes (e.g. H, W of a feature map) are flattened into one
+    sequence and restored afterwards. `mask` is a `[B, M]` boolean key mask (True = attend) or
+    anything `jax.nn.dot_product_attention` accepts (broadcastable to `[B, heads, N, M]`).
+    `implementation` goes straight to that function: None/'xla' everywhere, 'cudnn' for flash
+    attention on NVIDIA GPUs.
+    """
+
+    num_heads: int
+    head_dim: int | None = None
+    out_features: int | None = None
+    implementation: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None
+    ) -> jax.Array:
+        shape = x.shape
+        x = x.reshape(shape[0], -1, shape[-1])
+        context = x if context is None else context
+        head_dim = self.head_dim or shape[-1] // self.num_heads
+        proj = lambda name: nn.DenseGeneral(  # noqa: E731
+            (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+        q, k, v = proj("query")(x), proj("key")(context), proj("value")(context)
+        if mask is not None:
+            mask = jnp.asarray(mask, bool)
+            if mask.ndim == 2:
+                mask = mask[:, None, None, :]
+            # A query with every key masked (an all-padding caption) gets a uniform average of
+            # the keys instead of a backend-dependent NaN; callers ignore such rows anyway.
+            mask = mask | ~jnp.any(mask, axis=-1, keepdims=True)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+        out = nn.DenseGeneral(
+            self.out_features or shape[-1],
+            axis=(-2, -1),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="out",
+        )(out)
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+
+class MLP(nn.Module):
+    """Dense -> GELU -> dropout -> Dense, back to the input width unless `out_features`."""
+
+    hidden_features: int
+    out_features: int | None = None
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        dense = lambda n, name: nn.Dense(  # noqa: E731
+            n, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+        h = nn.gelu(dense(self.hidden_features, "fc1")(x))
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        return dense(self.out_features or x.shape[-1], "fc2")(h)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN block: self-attention, then cross-attention if `context` is given, then MLP.
+
+    `mask` masks the block's own keys `[B, N]`; `context_mask` masks the context's `[B, M]`.
+    Cross-attention parameters exist only if the block was initialised with a context.
+    """
+
+    num_heads: int
+    head_dim: int | None = None
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    implementation: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        context: jax.Array | None = None,
+        mask: jax.Array | None = None,
+        context_mask: jax.Array | None = None,
+        train: bool = False,
+    ) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = lambda name: Attention(  # noqa: E731
+            self.num_heads, self.head_dim, implementation=self.implementation, name=name, **kw
+        )
+        drop = nn.Dropout(self.dropout, deterministic=not train)
+        x = x + drop(attn("self_attn")(LayerNorm32(name="norm1", **kw)(x), mask=mask))
+        if context is not None:
+            h = LayerNorm32(name="norm_cross", **kw)(x)
+            x = x + drop(attn("cross_attn")(h, context, mask=context_mask))
+        h = LayerNorm32(name="norm2", **kw)(x)
+        h = MLP(int(self.mlp_ratio * x.shape[-1]), dropout=self.dropout, name="mlp", **kw)(h, train)
+        return x + drop(h)
+
+
+class SinusoidalEmbedding(nn.Module):
+    """Fixed sin/cos features of a scalar per example (e.g. a diffusion timestep): `[B] -> [B, dim]`.
+
+    Computed and returned in float32: timesteps up to ~1000 times frequencies lose all phase
+    precision in bfloat16.
+    """
+
+    dim: int
+    max_period: float = 10_000.0
+    dtype: Dtype = jnp.float32  # unused: kept for the uniform module interface
+    param_dtype: Dtype = jnp.float32
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        half = self.dim // 2
+        freqs = jnp.exp(-math.log(self.max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+        angles = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
+        emb = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+        if self.dim % 2:
+            emb = jnp.pad(emb, ((0, 0), (0, 1)))
+        return emb

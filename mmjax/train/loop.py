@@ -1,0 +1,283 @@
+"""The training loop: set up, resume, step, log, evaluate, preview, checkpoint.
+
+Host work stays out of the hot path: the step is dispatched asynchronously and its metrics are
+fetched in bulk every `log_every` steps (and before every save, so that no checkpoint is
+written past an unnoticed non-finite loss).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from mmjax import sharding, zoo
+from mmjax.checkpoint import Checkpointer
+from mmjax.data import pipeline
+from mmjax.data.tokenizer import ByteTokenizer
+from mmjax.images import make_grid, to_uint8
+from mmjax.train.state import TrainState, create_state, make_optimizer
+from mmjax.train.step import make_train_step
+from mmjax.train.writer import MetricWriter
+
+log = logging.getLogger("mmjax.train")
+
+# Settings that change what a checkpoint means: resuming across a change of these is refused.
+RESUME_KEYS = ("family", "variant", "model", "dtype", "data.name", "data.image_size",
+               "data.max_len", "data.seed", "train.seed", "train.batch_size")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class ResumeMismatchError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class RunResult:
+    state: TrainState
+    step: int
+    last_metrics: dict
+    eval_metrics: dict
+    trace_count: int
+    stopped_early: bool
+
+
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return "<absent>"
+        tree = tree[part]
+    return tree
+
+
+def check_resume_compatible(saved: dict, current: dict) -> None:
+    diffs = []
+    for key in RESUME_KEYS:
+        old, new = _lookup(saved, key), _lookup(current, key)
+        if json.dumps(old, sort_keys=True) != json.dumps(new, sort_keys=True):
+            diffs.append(f"  {key}: checkpoint has {old!r}, config has {new!r}")
+    if diffs:
+        raise ResumeMismatchError(
+            "refusing to resume: the workdir's checkpoint was trained with a different setup:\n"
+            + "\n".join(diffs)
+            + "\nUse a new --workdir, or restore the original settings."
+        )
+
+
+def setup_compilation_cache(config, workdir: str) -> str | None:
+    setting = config.train.compilation_cache
+    if setting == "off":
+        return None
+    path = setting or os.path.join(os.path.dirname(os.path.abspath(workdir)), ".jax_cache")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
+
+
+class _StopFlag:
+    """SIGTERM (preemption) sets a flag; the loop saves at the next step boundary and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: saving at the next step boundary, then exiting")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _oom_advice(error: Exception) -> Exception:
+    if "RESOURCE_EXHAUSTED" in str(error) or "Out of memory" in str(error):
+        return MemoryError(
+            "out of device memory. Reduce --config.train.batch_size, raise "
+            "--config.train.grad_accum (same global batch, smaller microbatches), or use "
+            f"--config.dtype=bfloat16. Original error: {str(error)[:500]}"
+        )
+    return error
+
+
+def train(config, workdir: str, *, stop_at: int | None = None) -> RunResult:
+    """Trains `config` in `workdir`, resuming from its latest good checkpoint if there is one.
+
+    `stop_at` ends the run early at that step (with a checkpoint), as a preemption would.
+    """
+    family = zoo.FAMILIES[config.family]
+    mesh = sharding.make_mesh()
+    sharding.check_batch_divisible(config.train.batch_size, mesh,
+                                   per_device_multiple=config.train.grad_accum)
+    setup_compilation_cache(config, workdir)
+    is_main = jax.process_index() == 0
+
+    model = zoo.build_model(config)
+    objectives = family.objectives(model, config)
+    optimizers, schedules = {}, {}
+    for objective in objectives:
+        optimizers[objective.name], schedules[objective.name] = make_optimizer(
+            config[objective.optim_section], config.train.num_steps)
+    init_fn = functools.partial(create_state, family, model, config, optimizers, objectives)
+    replicated = sharding.replicated(mesh)
+    abstract = jax.eval_shape(init_fn)
+    state_shardings = jax.tree.map(lambda _: replicated, abstract)
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
+    config_dict = json.loads(config.to_json())
+
+    best = family.best_metric
+    writer = MetricWriter(workdir, enabled=is_main)
+    with Checkpointer(workdir, keep_latest=config.train.keep_latest, keep_best=config.train.keep_best,
+                      best_metric=f"eval/{best[0]}" if best else None,
+                      best_mode=best[1] if best else "max") as ckpt, _StopFlag() as stop:
+        if ckpt.latest_step() is not None:
+            check_resume_compatible(ckpt.restore_config(), config_dict)
+            restored = ckpt.restore(target)
+            state, start = restored.state, int(restored.step)
+            start_batch = int(restored.data_state["next_batch"])
+            log.info("resumed from step %d in %s", start, workdir)
+        else:
+            state = jax.jit(init_fn, out_shardings=state_shardings)()
+            start, start_batch = 0, 0
+        if is_main:
+            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+                f.write(config.to_json(indent=2))
+
+        train_batches = pipeline.make_batches(
+            pipeline.make_source(config.data, "train"), global_batch=config.train.batch_size,
+            max_len=config.data.max_len, seed=config.data.seed,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            start_batch=start_batch, worker_count=config.data.worker_count,
+            augment=config.data.augment)
+        eval_batches = _eval_batches(config, mesh)
+
+        step_fn = make_train_step(objectives, optimizers, schedules,
+                                  ema_decay=config.train.ema_decay, grad_accum=config.train.grad_accum)
+        jitted_step = jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                              out_shardings=(state_shardings, replicated), donate_argnums=0)
+        evaluate = (jax.jit(functools.partial(family.evaluate, model, config=config))
+                    if family.evaluate else None)
+        preview = (jax.jit(functools.partial(family.preview, model, config=config))
+                   if family.preview else None)
+
+        end = config.train.num_steps if stop_at is None else min(stop_at, config.train.num_steps)
+        bar = tqdm(total=config.train.num_steps, initial=start, disable=not (is_main and config.train.progress),
+                   dynamic_ncols=True, desc="train")
+        pending: list[tuple[int, dict]] = []
+        nonfinite_steps: list[int] = []
+        last_metrics, eval_metrics = {}, {}
+        window_start, window_steps = time.perf_counter(), 0
+
+        def flush_metrics():
+            nonlocal last_metrics, window_start, window_steps
+            if not pending:
+                return
+            host = jax.device_get([m for _, m in pending])
+            elapsed = time.perf_counter() - window_start
+            throughput = window_steps * config.train.batch_size / max(elapsed, 1e-9)
+            for (at, _), values in zip(pending, host):
+                if values["nonfinite"]:
+                    nonfinite_steps.append(at)
+                writer.write(at, values, tensorboard=False)
+            last_metrics = {**host[-1], "images_per_sec": throughput}
+            writer.write(pending[-1][0], {"train/" + k: v for k, v in last_metrics.items()})
+            writer.flush()
+            bar.set_postfix(loss=f"{float(np.mean([h['loss'] for h in host if 'loss' in h] or [0])):.4f}",
+                            img_s=f"{throughput:.0f}")
+            pending.clear()
+            window_start, window_steps = time.perf_counter(), 0
+            if len(nonfinite_steps) > config.train.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"non-finite loss or gradients at {len(nonfinite_steps)} step(s), steps "
+                    f"{nonfinite_steps[0]}..{nonfinite_steps[-1]} (updates at those steps were skipped; "
+                    f"no checkpoint holds them). Lower --config.optim.lr or check the data.")
+
+        def save(at: int, force: bool = False):
+            flush_metrics()
+            ckpt.save(at, state, config=config_dict, data_state=train_batches.get_state() | {"next_batch": at},
+                      metrics=eval_metrics or None, force=force)
+
+        step = start
+        stopped_early = False
+        try:
+            while step < end:
+                batch = sharding.to_device(next(train_batches), mesh)
+                state, metrics = jitted_step(state, batch)
+                step += 1
+                window_steps += 1
+                pending.append((step, metrics))
+                bar.update(1)
+                if step % config.train.log_every == 0:
+                    flush_metrics()
+                if evaluate and config.train.eval_every and (step % config.train.eval_every == 0 or step == end):
+                    eval_metrics = _run_eval(evaluate, state.ema_params, eval_batches)
+                    writer.write(step, eval_metrics)
+                if preview and is_main and config.train.sample_every and (
+                        step % config.train.sample_every == 0 or step == end):
+                    _write_preview(writer, preview, state.ema_params, eval_batches[0], config, step)
+                if stop.requested:
+                    stopped_early = True
+                    break
+                if step % config.train.checkpoint_every == 0 and step < end:
+                    save(step)
+            save(step, force=True)
+            stopped_early = stopped_early or step < config.train.num_steps
+        except jax.errors.JaxRuntimeError as e:
+            raise _oom_advice(e) from e
+        finally:
+            bar.close()
+            writer.close()
+    return RunResult(state=state, step=step, last_metrics=last_metrics, eval_metrics=eval_metrics,
+                     trace_count=step_fn.trace_count[0], stopped_early=stopped_early)
+
+
+def _eval_batches(config, mesh) -> list[dict]:
+    """A fixed set of test batches, placed on devices once and reused at every evaluation."""
+    batches = pipeline.make_batches(
+        pipeline.make_source(config.data, "test"), global_batch=config.train.batch_size,
+        max_len=config.data.max_len, seed=config.data.seed, process_index=jax.process_index(),
+        process_count=jax.process_count(), shuffle=False, num_epochs=1)
+    out = []
+    for local in batches:
+        out.append(sharding.to_device(local, mesh))
+        if len(out) >= max(1, config.train.eval_batches):
+            break
+    if not out:
+        raise ValueError("the test split is smaller than one batch; lower train.batch_size or raise data.num_test")
+    return out
+
+
+def _run_eval(evaluate, params, batches) -> dict:
+    results = jax.device_get([evaluate(params, b) for b in batches])
+    return {f"eval/{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
+
+
+def _write_preview(writer, preview, params, batch, config, step: int) -> None:
+    images = np.asarray(jax.device_get(preview(params, batch, jax.random.key(config.train.seed + 1))))
+    images = to_uint8(images)
+    tokens = np.asarray(jax.device_get(batch["tokens"]))
+    captions = ByteTokenizer(config.data.max_len).decode(tokens)
+    # A preview may hold several images per example (input, reconstruction, sample), in that
+    # order for each of its first `sample.num` examples: repeat each caption to match.
+    per = max(1, len(images) // max(1, min(len(captions), config.sample.num)))
+    captions = [c for c in captions[: len(images) // per] for _ in range(per)]
+    grid = make_grid(images, captions=captions if len(captions) == len(images) else None,
+                     ncols=min(8, len(images)))
+    writer.write_image(step, "preview", np.asarray(grid))

@@ -1,0 +1,95 @@
+"""The one train step every family runs.
+
+`train_step(state, batch) -> (state, metrics)` is pure and compiled once per run. A family
+contributes only its objectives (loss functions); everything else is shared: gradient
+accumulation, clipping and the optimizer (inside the optax chain), skipping a non-finite
+update, the EMA of the parameters, and the metrics.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mmjax.families.family import Objective
+from mmjax.train.state import TrainState, objective_params
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _split_microbatches(batch, grad_accum: int):
+    return jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
+
+
+def _grads(objective: Objective, params, batch, key, step, grad_accum: int):
+    """Loss, metrics and gradients of one objective, averaged over `grad_accum` microbatches."""
+    own = objective_params(params, objective)
+
+    def loss_of(own_params, microbatch, micro_key):
+        full = own_params if objective.params_key is None else {**params, objective.params_key: own_params}
+        return objective.loss_fn(full, microbatch, micro_key, step)
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+    if grad_accum == 1:
+        (loss, metrics), grads = grad_fn(own, batch, key)
+        return loss, metrics, grads
+
+    micro = _split_microbatches(batch, grad_accum)
+
+    def body(carry, inputs):
+        index, microbatch = inputs
+        (loss, metrics), grads = grad_fn(own, microbatch, jax.random.fold_in(key, index))
+        total = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
+        return total, None
+
+    (loss0, metrics0), grads0 = jax.eval_shape(grad_fn, own, jax.tree.map(lambda x: x[0], micro), key)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss0, metrics0, grads0))
+    (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
+    return jax.tree.map(lambda x: x / grad_accum, (loss, metrics, grads))
+
+
+def make_train_step(objectives: tuple[Objective, ...], optimizers: dict[str, optax.GradientTransformation],
+                    schedules: dict[str, optax.Schedule], *, ema_decay: float, grad_accum: int = 1):
+    """Returns the (un-jitted) step; `step.trace_count[0]` counts how often it was traced."""
+    trace_count = [0]
+    single = len(objectives) == 1
+
+    def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        trace_count[0] += 1
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        params, opt_states, metrics = state.params, dict(state.opt_state), {}
+        all_ok = jnp.bool_(True)
+        for index, objective in enumerate(objectives):
+            loss, aux, grads = _grads(objective, params, batch, jax.random.fold_in(key, index),
+                                      state.step, grad_accum)
+            own = objective_params(params, objective)
+            updates, new_opt = optimizers[objective.name].update(grads, opt_states[objective.name], own)
+            new_own = optax.apply_updates(own, updates)
+            # A non-finite loss, gradient or update must never reach the parameters: keep the
+            # old ones, and let the host decide (from `nonfinite`) whether to halt.
+            ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_own)
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+            new_own, new_opt = keep(new_own, own), keep(new_opt, opt_states[objective.name])
+            params = new_own if objective.params_key is None else {**params, objective.params_key: new_own}
+            opt_states[objective.name] = new_opt
+            all_ok &= ok
+            prefix = "" if single else f"{objective.name}/"
+            metrics[f"{prefix}loss"] = loss
+            metrics[f"{prefix}grad_norm"] = optax.global_norm(grads)
+            metrics[f"{prefix}lr"] = schedules[objective.name](state.step)
+            metrics.update({f"{prefix}{k}": v for k, v in aux.items()})
+
+        # EMA with a short warm-up so early samples are not dominated by the random init.
+        decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+        decay = jnp.where(all_ok, decay, 1.0)
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+        metrics["nonfinite"] = jnp.where(all_ok, 0, 1).astype(jnp.int32)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_states, ema_params=ema)
+        return new_state, metrics
+
+    train_step.trace_count = trace_count
+    return train_step

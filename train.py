@@ -1,0 +1,44 @@
+"""Train an mmjax model.
+
+    python train.py                                              # default config -> runs/default
+    python train.py --config configs/vae_shapes.py:tiny --workdir runs/vae --config.optim.lr=1e-3
+
+A workdir with checkpoints is resumed. Multi-host: add --coordinator HOST:PORT
+--num-processes N --process-id I (or --distributed to let jax read SLURM/TPU settings).
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "vae_shapes.py")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="path/to/config.py[:variant]")
+    parser.add_argument("--workdir", default="runs/default")
+    parser.add_argument("--coordinator", help="host:port of process 0 (multi-host)")
+    parser.add_argument("--num-processes", type=int)
+    parser.add_argument("--process-id", type=int)
+    parser.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() from the environment")
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
+
+    from mmjax import config as config_lib
+
+    try:
+        config = config_lib.load_config(args.config, config_lib.split_override_args(extra))
+    except config_lib.ConfigError as e:
+        print(f"train.py: config error: {e}", file=sys.stderr)
+        return 2
+
+    from mmjax.train import run
+
+    return run.main(config, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
