@@ -101,11 +101,9 @@ def _fingerprint(x, xp):
     index = xp.arange(x.size, dtype=np.uint32).reshape(shape)
     lanes = []
     for seed in _SEEDS:
-        total = xp.zeros((), np.uint32)
-        for j, word in enumerate(words):
-            key = _fmix32(index ^ (seed + np.uint32(j)))
-            total = total + xp.sum(_fmix32(word ^ key), dtype=np.uint32)
-        lanes.append(total)
+        sums = [xp.sum(_fmix32(word ^ _fmix32(index ^ (seed + np.uint32(j)))), dtype=np.uint32)
+                for j, word in enumerate(words)]
+        lanes.append(xp.sum(xp.stack(sums), dtype=np.uint32))
     return xp.stack(lanes)
 
 

@@ -5,3 +5,18 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+from tests.helpers import tiny_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def vae_run(tmp_path_factory):
+    """One tiny text-conditioned VAE run of 20 steps on 8 fake devices, shared by many tests."""
+    from mmjax.train.loop import train
+
+    workdir = str(tmp_path_factory.mktemp("runs") / "vae")
+    config = tiny_config("vae_shapes")
+    result = train(config, workdir)
+    return workdir, config, result

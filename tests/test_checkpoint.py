@@ -1,4 +1,5 @@
 """Checkpoints survive what training runs meet: exits, kills, damaged files, NaNs, full disks."""
+import gc
 import logging
 import os
 import pathlib
@@ -21,9 +22,16 @@ from mmjax.checkpoint import (CheckpointError, Checkpointer, NoCheckpointError,
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# When a damaged file fails a restore, Orbax abandons its other read coroutines; Python then
-# reports them as unraisable during a later test's garbage collection. They are not ours.
+# When a damaged file fails a restore, Orbax abandons its other read coroutines; Python
+# reports them as unraisable whenever they are collected. Collect them inside this module's
+# tests, where they are expected, rather than at interpreter exit.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture(autouse=True)
+def _collect_abandoned_coroutines():
+    yield
+    gc.collect()
 
 
 @struct.dataclass
@@ -122,8 +130,11 @@ def test_saved_on_eight_devices_restores_on_one_and_as_numpy(tmp_path):
 
     with Checkpointer(tmp_path, read_only=True) as c:
         one_device = c.restore(abstract(state))
+        everywhere = c.restore(abstract(state, replicated))
     assert one_device.state.params["dense"]["w"].sharding == SingleDeviceSharding(jax.devices()[0])
+    assert everywhere.state.params["dense"]["w"].sharding == replicated
     assert_bitwise_equal(one_device.state, state)
+    assert_bitwise_equal(everywhere.state, state)
 
     host = restore_numpy(tmp_path)
     assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host.state))
@@ -337,6 +348,7 @@ def test_damaged_latest_step_falls_back_loudly(tmp_path, caplog, damage):
 
 
 def test_every_step_damaged_is_a_clear_error(tmp_path):
+    """Also: an explicit step is never swapped for another; targets must carry shardings."""
     states = save_steps(tmp_path, [1, 2])
     truncate_data(tmp_path / "checkpoints" / "1")
     empty_directory(tmp_path / "checkpoints" / "2")
@@ -347,6 +359,13 @@ def test_every_step_damaged_is_a_clear_error(tmp_path):
     assert "step 2:" in str(info.value) and "step 1:" in str(info.value)
     with pytest.raises(CheckpointError, match="every checkpoint"):
         restore_numpy(tmp_path)
+    with Checkpointer(tmp_path, read_only=True) as c:
+        with pytest.raises(CheckpointError, match="step 1 .* is damaged"):
+            c.restore(abstract(states[1]), step=1)
+        with pytest.raises(NoCheckpointError, match="step 9"):
+            c.restore(abstract(states[1]), step=9)
+        with pytest.raises(ValueError, match="without a sharding"):
+            c.restore(jax.eval_shape(lambda: states[1]))
 
 
 def test_changed_model_is_refused_not_skipped(tmp_path, caplog):

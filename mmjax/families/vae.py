@@ -81,7 +81,7 @@ def generate(model, params, config, tokens, rng, temperature: float = 1.0):
     return jnp.clip(model.apply({"params": params}, z, _tokens(model, tokens), method=VAE.decode), -1, 1)
 
 
-def interpolate(model, params, config, image_a, image_b, num: int, tokens_a=None, tokens_b=None):
+def interpolate(model, params, config, image_a, image_b, tokens_a=None, tokens_b=None, *, num: int):
     """Decodes `num` evenly spaced points between the two images' posterior means.
 
     Integer tokens cannot be blended: with a caption-reading model the first half of the path

@@ -1,0 +1,105 @@
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from mmjax import sharding
+from mmjax.checkpoint import Checkpointer, restore_numpy
+from mmjax.train.loop import NonFiniteLossError, ResumeMismatchError, train
+from tests.helpers import read_metrics, tiny_config
+
+
+def test_run_writes_outputs_and_traces_once(vae_run):
+    workdir, config, result = vae_run
+    assert result.step == config.train.num_steps
+    assert result.trace_count == 1
+    assert os.path.isfile(os.path.join(workdir, "config.json"))
+    assert sorted(read_metrics(workdir)) == list(range(1, config.train.num_steps + 1))
+    assert any(f.startswith("events") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+    previews = sorted(os.listdir(os.path.join(workdir, "samples")))
+    assert previews and all(p.endswith(".png") for p in previews)
+    with Checkpointer(workdir, read_only=True) as ckpt:
+        assert ckpt.latest_step() == config.train.num_steps
+    assert not [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in d]
+    assert "eval/psnr" in result.eval_metrics
+
+
+def test_loss_goes_down(vae_run):
+    workdir, _, _ = vae_run
+    losses = [row["mse"] for _, row in sorted(read_metrics(workdir).items())]
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])
+
+
+def test_batch_is_sharded_across_devices():
+    assert jax.device_count() == 8
+    mesh = sharding.make_mesh()
+    batch = sharding.to_device({"image": np.zeros((16, 4, 4, 3), np.float32)}, mesh)
+    shards = batch["image"].addressable_shards
+    assert len(shards) == 8 and {s.data.shape[0] for s in shards} == {2}
+    assert len({s.device for s in shards}) == 8
+
+
+def test_exact_resume(vae_run, tmp_path):
+    """20 steps straight == 10 steps, stop, resume, 10 more: same parameters and losses."""
+    straight_dir, config, straight = vae_run
+    workdir = str(tmp_path / "resumed")
+    first = train(config, workdir, stop_at=10)
+    assert first.step == 10 and first.stopped_early
+    second = train(config, workdir)
+    assert second.step == 20
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight.state.params),
+                 jax.device_get(second.state.params))
+    a, b = read_metrics(straight_dir), read_metrics(workdir)
+    assert [a[s]["loss"] for s in range(1, 21)] == [b[s]["loss"] for s in range(1, 21)]
+
+
+def test_resume_with_changed_model_is_refused(vae_run, tmp_path):
+    workdir, _, _ = vae_run
+    changed = tiny_config("vae_shapes", "variant=cond_small", "train.batch_size=32")
+    with pytest.raises(ResumeMismatchError, match="variant") as info:
+        train(changed, workdir)
+    assert "train.batch_size" in str(info.value)
+
+
+def test_indivisible_batch_fails_before_anything_is_written(tmp_path):
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+        train(tiny_config("vae_shapes", "train.batch_size=12"), str(workdir))
+    assert not workdir.exists()
+
+
+def test_nonfinite_loss_halts_and_no_nonfinite_checkpoint(tmp_path):
+    workdir = str(tmp_path / "nan")
+    config = tiny_config("cnn_shapes", "optim.lr=1e38", "optim.grad_clip=0.0", "optim.warmup_steps=0",
+                         "train.checkpoint_every=2", "train.log_every=1")
+    with pytest.raises(NonFiniteLossError, match=r"steps \d+\.\.\d+"):
+        train(config, workdir)
+    # Whatever was saved before the halt is finite.
+    if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
+        for leaf in jax.tree.leaves(restore_numpy(workdir).state):
+            if np.issubdtype(np.asarray(leaf).dtype, np.floating):
+                assert np.all(np.isfinite(leaf))
+
+
+def test_restore_on_one_device(vae_run, tmp_path):
+    """Saved from 8 devices; a 1-device process restores the same EMA parameters."""
+    import subprocess
+    import sys
+
+    workdir, _, result = vae_run
+    out = tmp_path / "params.npz"
+    code = (
+        "import jax, numpy as np, mmjax\n"
+        "assert jax.device_count() == 1\n"
+        f"m = mmjax.load({workdir!r})\n"
+        "leaves = jax.tree.leaves(jax.device_get(m.params))\n"
+        f"np.savez({str(out)!r}, *leaves)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+    loaded = np.load(out)
+    expected = jax.tree.leaves(jax.device_get(result.state.ema_params))
+    assert len(loaded.files) == len(expected)
+    for i, leaf in enumerate(expected):
+        np.testing.assert_array_equal(loaded[f"arr_{i}"], leaf)
