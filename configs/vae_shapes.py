@@ -12,8 +12,12 @@ def get_config(arg=None):
     c = base_config()
     c.family = "vae"
     c.variant = "cond_small"
+    # A 4x4x8 latent (128 numbers): small enough for prior samples to look like data, enough
+    # for sharp reconstructions of one object.
+    c.model.widths = (32, 64, 128, 128)
+    c.model.latent_channels = 8
     c.data.max_len = 64
-    c.loss.beta = 0.002
+    c.loss.beta = 0.05
     c.loss.kl_warmup_steps = 500
     c.train.batch_size = 64
     c.train.num_steps = 3000
@@ -27,6 +31,8 @@ def get_config(arg=None):
     c.sample.num = 8
     if arg == "tiny":
         c.variant = "cond_tiny"
+        c.model.widths = (8, 16)
+        c.model.latent_channels = 4
         c.data.image_size = 16
         c.data.num_test = 256
         c.loss.kl_warmup_steps = 5

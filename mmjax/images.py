@@ -38,45 +38,55 @@ def load_image(path: str, size: int) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8)
 
 
-def make_grid(images: np.ndarray, *, ncols: int | None = None, captions=None,
-              cell: int | None = None, pad: int = 2) -> Image.Image:
-    """uint8 [N, H, W, 3] -> one PIL image; optional caption under each cell."""
+def _font(size: int = 12):
+    try:
+        return ImageFont.load_default(size=size)
+    except (ImportError, TypeError):  # Pillow without FreeType has only the small bitmap font.
+        return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and draw.textlength(candidate, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    return lines + [line] if line else lines
+
+
+def make_grid(images, *, ncols: int | None = None, captions=None, pad: int = 4,
+              min_cell: int = 128) -> Image.Image:
+    """uint8 [N, H, W, 3] -> one PIL image; with captions, each is wrapped under its cell.
+
+    Small images are upscaled (nearest) to at least `min_cell` pixels when captioned, so that a
+    caption of ~50 characters fits in three lines.
+    """
     images = np.asarray(images)
     if images.dtype != np.uint8:
         images = to_uint8(images)
     n, h, w, _ = images.shape
-    ncols = ncols or min(n, max(1, math.ceil(math.sqrt(n))))
+    ncols = ncols or max(1, math.ceil(math.sqrt(n)))
     nrows = math.ceil(n / ncols)
-    cell = cell or max(h, 96 if captions is not None else h)
-    scale = max(1, cell // h)
-    ch, cw = h * scale, w * scale
-    font = ImageFont.load_default()
-    lines = 3 if captions is not None else 0
-    text_h = 12 * lines
-    grid = Image.new("RGB", (ncols * (cw + pad) + pad, nrows * (ch + text_h + pad) + pad), (40, 40, 40))
+    scale = max(1, math.ceil(min_cell / h)) if captions is not None else 1
+    cw, ch = w * scale, h * scale
+    font = _font()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [_wrap(measure, str(c), font, cw) for c in captions] if captions is not None else [[]] * n
+    ascent, descent = font.getmetrics()
+    line_height = ascent + descent + 2
+    text_h = max(len(lines) for lines in wrapped) * line_height + (pad if captions is not None else 0)
+    cell_w, cell_h = cw + pad, ch + text_h + pad
+    grid = Image.new("RGB", (ncols * cell_w + pad, nrows * cell_h + pad), (64, 64, 64))
     draw = ImageDraw.Draw(grid)
     for i in range(n):
-        r, c = divmod(i, ncols)
-        x, y = pad + c * (cw + pad), pad + r * (ch + text_h + pad)
-        tile = Image.fromarray(images[i]).resize((cw, ch), Image.Resampling.NEAREST)
-        grid.paste(tile, (x, y))
-        if captions is not None:
-            for j, line in enumerate(_wrap(str(captions[i]), max(4, cw // 6))[:lines]):
-                draw.text((x + 1, y + ch + 12 * j), line, fill=(230, 230, 230), font=font)
+        x, y = pad + (i % ncols) * cell_w, pad + (i // ncols) * cell_h
+        grid.paste(Image.fromarray(images[i]).resize((cw, ch), Image.Resampling.NEAREST), (x, y))
+        for j, line in enumerate(wrapped[i]):
+            draw.text((x, y + ch + pad + j * line_height), line, fill=(255, 255, 255), font=font)
     return grid
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    words, lines, line = text.split(), [], ""
-    for word in words:
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    if line:
-        lines.append(line)
-    return lines
 
 
 def save_png(image: Image.Image, path: str) -> None:

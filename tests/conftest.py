@@ -20,3 +20,14 @@ def vae_run(tmp_path_factory):
     config = tiny_config("vae_shapes")
     result = train(config, workdir)
     return workdir, config, result
+
+
+@pytest.fixture(scope="session")
+def cnn_run(tmp_path_factory):
+    """A tiny CNN judge run (20 steps): enough to exercise classify and evaluation."""
+    from mmjax.train.loop import train
+
+    workdir = str(tmp_path_factory.mktemp("runs") / "cnn")
+    config = tiny_config("cnn_shapes")
+    result = train(config, workdir)
+    return workdir, config, result

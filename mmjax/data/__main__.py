@@ -5,56 +5,13 @@
 from __future__ import annotations
 
 import argparse
-import math
 import types
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 from mmjax.data.pipeline import SOURCES, make_source
-
-MIN_CELL = 128  # Small images are upscaled so a caption of ~50 characters fits in 3 lines.
-PAD = 4
-
-
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        candidate = f"{line} {word}".strip()
-        if line and draw.textlength(candidate, font=font) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = candidate
-    return lines + [line] if line else lines
-
-
-def captioned_grid(images: Sequence[np.ndarray], captions: Sequence[str]) -> Image.Image:
-    """A grid of uint8 images with each caption wrapped beneath its image."""
-    try:
-        font = ImageFont.load_default(size=12)
-    except ImportError:  # Pillow without FreeType only has the small bitmap font.
-        font = ImageFont.load_default()
-    cell = max(MIN_CELL, images[0].shape[0])
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    wrapped = [_wrap(measure, c, font, cell) for c in captions]
-    ascent, descent = font.getmetrics()
-    line_height = ascent + descent + 2
-    text_height = max(len(w) for w in wrapped) * line_height
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    cell_w, cell_h = cell + 2 * PAD, cell + text_height + 3 * PAD
-    grid = Image.new("RGB", (cols * cell_w, rows * cell_h), (64, 64, 64))
-    draw = ImageDraw.Draw(grid)
-    for i, (image, lines) in enumerate(zip(images, wrapped)):
-        x, y = (i % cols) * cell_w + PAD, (i // cols) * cell_h + PAD
-        tile = Image.fromarray(image).resize((cell, cell), Image.Resampling.NEAREST)
-        grid.paste(tile, (x, y))
-        for j, line in enumerate(lines):
-            draw.text((x, y + cell + PAD + j * line_height), line, fill=(255, 255, 255), font=font)
-    return grid
-
+from mmjax.images import make_grid, save_png
 
 def preview(args: argparse.Namespace) -> None:
     data_cfg = types.SimpleNamespace(
@@ -62,7 +19,8 @@ def preview(args: argparse.Namespace) -> None:
     )
     source = make_source(data_cfg, args.split)
     records = [source[i] for i in range(min(args.num, len(source)))]
-    captioned_grid([r["image"] for r in records], [r["caption"] for r in records]).save(args.out)
+    grid = make_grid(np.stack([r["image"] for r in records]), captions=[r["caption"] for r in records])
+    save_png(grid, args.out)
     print(f"wrote {len(records)} {args.dataset}/{args.split} records to {args.out}")
 
 

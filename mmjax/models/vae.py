@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models.layers import Attention, Downsample, Dtype, GroupNorm32, ResBlock, Upsample
+from mmjax.models.prior import TextPrior
 from mmjax.models.text import TextEncoder, TextEncoderTiny
 
 # Keeps exp(logvar) finite and away from exactly zero even when the KL weight is tiny.
@@ -143,6 +144,9 @@ class VAE(nn.Module):
     out_channels: int = 3
     dropout: float = 0.0
     text: Callable[..., TextEncoder] | None = None
+    # Learned p(z | caption) (see models/prior.py); needs `text`. Off: the prior is N(0, I).
+    learned_prior: bool = False
+    prior_hidden: int = 256
     cross_attention: bool = False
     num_heads: int = 4
     implementation: str | None = None
@@ -166,6 +170,9 @@ class VAE(nn.Module):
             **kw,
         )
         self.text_encoder = None if self.text is None else self.text(**kw)
+        if self.learned_prior and self.text is None:
+            raise ValueError("learned_prior=True needs a text encoder (text=...)")
+        self.prior_net = TextPrior(self.prior_hidden, **kw) if self.learned_prior else None
         self.encoder = VAEEncoder(self.latent_channels, **shared)
         self.decoder = VAEDecoder(self.out_channels, **shared)
 
@@ -196,7 +203,17 @@ class VAE(nn.Module):
             eps = jax.random.normal(self.make_rng("noise"), mean.shape, jnp.float32)
             z = mean + jnp.exp(0.5 * logvar) * eps
         recon = self.decoder(z, train=train, **cond)
-        return recon, {"mean": mean, "logvar": logvar, "z": z}
+        aux = {"mean": mean, "logvar": logvar, "z": z}
+        if self.prior_net is not None:
+            aux["prior_mean"], aux["prior_logvar"] = self.prior_net(cond["cond"], mean.shape[1:])
+        return recon, aux
+
+    def prior(self, tokens, latent_shape: tuple[int, int, int], train: bool = False):
+        """`(mean, logvar)` of p(z | caption), float32; zeros (N(0, I)) without a learned prior."""
+        if self.prior_net is None:
+            zeros = jnp.zeros((tokens.shape[0],) + tuple(latent_shape), jnp.float32)
+            return zeros, zeros
+        return self.prior_net(self._condition(tokens, train)["cond"], tuple(latent_shape))
 
 
 VAETiny = functools.partial(VAE, latent_channels=4, widths=(8, 16), groups=4, num_heads=2)
@@ -206,9 +223,9 @@ VAE64 = functools.partial(
 )
 
 # Caption-conditioned variants: FiLM everywhere plus cross-attention at the latent resolution.
-CondVAETiny = functools.partial(VAETiny, text=TextEncoderTiny, cross_attention=True)
-CondVAESmall = functools.partial(VAESmall, text=TextEncoder, cross_attention=True)
+CondVAETiny = functools.partial(VAETiny, text=TextEncoderTiny, cross_attention=True, learned_prior=True)
+CondVAESmall = functools.partial(VAESmall, text=TextEncoder, cross_attention=True, learned_prior=True)
 CondVAE64 = functools.partial(
     VAE64, text=functools.partial(TextEncoder, width=256, depth=4, num_heads=8),
-    cross_attention=True,
+    cross_attention=True, learned_prior=True,
 )

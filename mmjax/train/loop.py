@@ -229,6 +229,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> RunResult:
                 if evaluate and config.train.eval_every and (step % config.train.eval_every == 0 or step == end):
                     eval_metrics = _run_eval(evaluate, state.ema_params, eval_batches)
                     writer.write(step, eval_metrics)
+                    writer.flush()
                 if preview and is_main and config.train.sample_every and (
                         step % config.train.sample_every == 0 or step == end):
                     _write_preview(writer, preview, state.ema_params, eval_batches[0], config, step)

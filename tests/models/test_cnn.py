@@ -32,8 +32,8 @@ def squares(n: int, seed: int, size: int = 16):
 def test_coord_channels():
     out = add_coord_channels(jnp.zeros((2, 4, 6, 3)))
     assert out.shape == (2, 4, 6, 5)
-    np.testing.assert_allclose(out[0, 0, :, 3], np.linspace(-1, 1, 6))  # x along width
-    np.testing.assert_allclose(out[0, :, 0, 4], np.linspace(-1, 1, 4))  # y along height
+    np.testing.assert_allclose(out[0, 0, :, 3], np.linspace(-1, 1, 6), atol=1e-6)  # x along width
+    np.testing.assert_allclose(out[0, :, 0, 4], np.linspace(-1, 1, 4), atol=1e-6)  # y along height
 
 
 def test_shapes_and_dtypes():
@@ -45,35 +45,42 @@ def test_shapes_and_dtypes():
     assert set(logits) == {"shape", "color", "size", "position"}
     for name, n in zip(model.head_names, model.num_classes):
         assert logits[name].shape == (2, n) and logits[name].dtype == jnp.float32
-    assert aux["features"].shape == (2, model.widths[-1])
+    # Mean plus x- and y-moments of each final channel.
+    assert aux["features"].shape == (2, 3 * model.widths[-1])
     assert aux["features"].dtype == jnp.float32
 
 
 def test_learns_all_heads_including_position():
-    """~100 Adam steps fit colour, size and position; position also generalises to new
-    images, which global average pooling alone would make hard (the CoordConv check)."""
+    """150 Adam steps fit colour, size and position, and position generalises to new images.
+
+    Global average pooling alone discards where the object is; a plain ResNet (no CoordConv,
+    no moment pooling) reaches ~94% held-out position here, the model as built ~99.6%.
+    """
     model = CNNTiny(**HEADS)
-    train_x, train_y = squares(64, seed=0)
-    test_x, test_y = squares(128, seed=1)
+    train_x, train_y = squares(256, seed=0)
+    test_x, test_y = squares(256, seed=1)
     params = model.init(KEY, train_x[:1])["params"]
     tx = optax.adam(3e-3)
 
     @jax.jit
-    def step(params, opt_state):
+    def step(params, opt_state, key):
+        idx = jax.random.choice(key, len(train_x), (128,), replace=False)
+        x, y = train_x[idx], {k: v[idx] for k, v in train_y.items()}
+
         def loss_fn(p):
-            logits, _ = model.apply({"params": p}, train_x, train=True)
+            logits, _ = model.apply({"params": p}, x, train=True)
             return sum(
-                optax.softmax_cross_entropy_with_integer_labels(logits[k], train_y[k]).mean()
+                optax.softmax_cross_entropy_with_integer_labels(logits[k], y[k]).mean()
                 for k in logits
             )
 
-        loss, grads = jax.value_and_grad(loss_fn)(params)
+        grads = jax.grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state
 
     opt_state = tx.init(params)
-    for _ in range(120):
-        params, opt_state, loss = step(params, opt_state)
+    for i in range(150):
+        params, opt_state = step(params, opt_state, jax.random.PRNGKey(i))
 
     @jax.jit
     def accuracy(params, x, y):
@@ -83,7 +90,7 @@ def test_learns_all_heads_including_position():
     train_acc = accuracy(params, train_x, train_y)
     assert all(float(a) >= 0.98 for a in train_acc.values()), train_acc
     test_acc = accuracy(params, test_x, test_y)
-    assert float(test_acc["position"]) >= 0.9, test_acc
+    assert float(test_acc["position"]) >= 0.97, test_acc
 
 
 def test_rejects_mismatched_heads():
