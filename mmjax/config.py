@@ -196,6 +196,8 @@ def base_config() -> ConfigDict:
     c.data.max_len = 64
     c.data.worker_count = 0
     c.data.augment = False
+    # shapes: also train on the held-out (color, shape) pairs. Only the judge does this.
+    c.data.heldout_in_train = False
     c.data.path = ""
 
     c.train = ConfigDict()

@@ -33,7 +33,8 @@ class RandomAccessSource(Protocol):
 def _make_shapes(data_cfg: Any, split: str) -> RandomAccessSource:
     num_records = getattr(data_cfg, "num_train" if split == "train" else "num_test", None)
     return ShapesSource(
-        split=split, image_size=data_cfg.image_size, seed=data_cfg.seed, num_records=num_records
+        split=split, image_size=data_cfg.image_size, seed=data_cfg.seed, num_records=num_records,
+        heldout_in_train=getattr(data_cfg, "heldout_in_train", False),
     )
 
 

@@ -327,6 +327,7 @@ class ShapesSource:
         image_size: int = 32,
         seed: int = 0,
         num_records: int | None = None,
+        heldout_in_train: bool = False,
     ):
         if split not in SPLIT_OFFSETS:
             raise ValueError(
@@ -335,6 +336,8 @@ class ShapesSource:
         self.split = split
         self.image_size = check_image_size(image_size)
         self.seed = int(seed)
+        # Only for the judge: its job is to measure every combination, not to generalise.
+        self.heldout_in_train = bool(heldout_in_train)
         self.num_records = DEFAULT_NUM_RECORDS[split] if num_records is None else int(num_records)
         # Beyond 2**30 train indices would run into the test range.
         if not 0 < self.num_records <= 2**30:
@@ -348,7 +351,7 @@ class ShapesSource:
         if not 0 <= index < self.num_records:
             raise IndexError(f"index {index} out of range for {len(self)} {self.split} records")
         rng = record_rng(self.seed, self.split, index)
-        labels = sample_labels(rng, allow_heldout=self.split != "train")
+        labels = sample_labels(rng, allow_heldout=self.split != "train" or self.heldout_in_train)
         return make_example(labels, rng, self.image_size)
 
     def __repr__(self) -> str:

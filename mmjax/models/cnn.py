@@ -29,14 +29,16 @@ class ResNetClassifier(nn.Module):
     """Images `[B, H, W, 3]` -> `(logits, aux)`.
 
     logits: dict head name -> `[B, n]` float32, one head per attribute in `head_names`;
-    aux: `features` float32, the pooled penultimate features (for FD-style metrics):
-    `[B, 3 * widths[-1]]` with `moment_pooling` (mean, x-moment, y-moment per channel), else
-    `[B, widths[-1]]`. Each stage after the first starts with a stride-2 downsample.
+    aux: `features` float32 `[B, k * widths[-1]]`, the pooled penultimate features (for
+    FD-style metrics): per channel the mean, then the max (`max_pooling`), then the x- and
+    y-moments (`moment_pooling`). Each stage after the first starts with a stride-2 downsample.
 
-    Position survives pooling twice over: CoordConv inputs let early layers tie features to
-    absolute location, and moment pooling hands the heads each channel's centre of mass. On
-    a 16 px toy set the held-out position accuracy is ~94% with neither, ~96.5% with
-    CoordConv only and ~99.6% with both (tests/models/test_cnn.py).
+    Max pooling: a small shape covers a few percent of the image, so a mean alone dilutes its
+    signal ~25x; with the max added a tiny variant fits a 16-image batch in 20 steps instead
+    of 100+, and on 32 px shapes a held-out (color, shape) pair's shape went from ~50% to 98%.
+    Position: global pooling discards where features fired. CoordConv inputs tie features to
+    absolute location and moment pooling hands the heads each channel's centre of mass, so
+    position does not hinge on zero-padding artefacts (which fade as images grow).
     """
 
     num_classes: tuple[int, ...] = (3, 8, 2, 9)
@@ -46,6 +48,7 @@ class ResNetClassifier(nn.Module):
     groups: int = 8
     coord_conv: bool = True
     moment_pooling: bool = True
+    max_pooling: bool = True
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -68,12 +71,14 @@ class ResNetClassifier(nn.Module):
                 )(x, train=train)
         x = nn.silu(GroupNorm32(self.groups, name="final_norm", **kw)(x))
         x = x.astype(jnp.float32)
-        features = jnp.mean(x, axis=(1, 2))
+        pooled = [jnp.mean(x, axis=(1, 2))]
+        if self.max_pooling:
+            pooled.append(jnp.max(x, axis=(1, 2)))
         if self.moment_pooling:
-            # First spatial moments per channel: where each feature fired, linearly readable.
             coords = add_coord_channels(jnp.zeros(x.shape[:3] + (0,), x.dtype))
             moments = jnp.einsum("bhwc,bhwk->bkc", x, coords) / (x.shape[1] * x.shape[2])
-            features = jnp.concatenate([features, moments.reshape(x.shape[0], -1)], axis=-1)
+            pooled.append(moments.reshape(x.shape[0], -1))
+        features = jnp.concatenate(pooled, axis=-1)
         logits = {
             name: nn.Dense(n, name=f"head_{name}", **kw)(features).astype(jnp.float32)
             for name, n in zip(self.head_names, self.num_classes)
@@ -82,7 +87,9 @@ class ResNetClassifier(nn.Module):
 
 
 CNNTiny = functools.partial(ResNetClassifier, widths=(16, 32), groups=4)
-CNNSmall = functools.partial(ResNetClassifier, widths=(16, 32, 64), groups=8)
+# The judge (configs/cnn_shapes.py). Trained on all 24 (color, shape) pairs it scores 100% on
+# every attribute without the max pooling, so its features stay [B, 3 * 128].
+CNNSmall = functools.partial(ResNetClassifier, widths=(32, 64, 128), groups=8, max_pooling=False)
 CNN64 = functools.partial(
     ResNetClassifier, widths=(64, 128, 256, 512), blocks_per_stage=2, groups=32
 )

@@ -229,7 +229,7 @@ class TransformerBlock(nn.Module):
 
 
 class SinusoidalEmbedding(nn.Module):
-    """Fixed sin/cos features of a scalar per example (e.g. a diffusion timestep): `[B] -> [B, dim]`.
+    """Fixed sin/cos features of one scalar per example (e.g. a timestep): `[B] -> [B, dim]`.
 
     Computed and returned in float32: timesteps up to ~1000 times frequencies lose all phase
     precision in bfloat16.

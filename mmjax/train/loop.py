@@ -238,7 +238,8 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> RunResult:
                     break
                 if step % config.train.checkpoint_every == 0 and step < end:
                     save(step)
-            save(step, force=True)
+            if step > start or ckpt.latest_step() is None:
+                save(step, force=True)
             stopped_early = stopped_early or step < config.train.num_steps
         except jax.errors.JaxRuntimeError as e:
             raise _oom_advice(e) from e

@@ -249,3 +249,11 @@ def test_parse_caption_free_text_and_errors():
         parse_caption("something red")
     with pytest.raises(ValueError, match="several"):
         parse_caption("a red and blue circle")
+
+
+def test_heldout_in_train_option_includes_the_pairs():
+    from mmjax.data.shapes import COLOR_NAMES, HELDOUT_PAIRS, SHAPES, ShapesSource
+
+    source = ShapesSource("train", image_size=16, heldout_in_train=True)
+    seen = {(COLOR_NAMES[int(r["color"])], SHAPES[int(r["shape"])]) for r in (source[i] for i in range(400))}
+    assert set(map(tuple, HELDOUT_PAIRS)) <= seen

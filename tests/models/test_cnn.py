@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -5,7 +7,37 @@ import optax
 
 from mmjax.models.cnn import CNNTiny, ResNetClassifier, add_coord_channels
 
-KEY = jax.random.PRNGKey(0)
+
+
+def key(seed: int) -> jax.Array:
+    # rbg keys: with the default (partitionable) threefry, XLA:CPU spends ~10 s compiling the
+    # random initialisers of even a tiny model; rbg compiles in a fraction of that.
+    return jax.random.key(seed, impl="rbg")
+
+
+KEY = key(0)
+
+
+@functools.lru_cache
+def _jitted(method, static_kwargs):
+    return jax.jit(functools.partial(method, **dict(static_kwargs)))
+
+
+# Jitted (and cached per module and static arguments): one compiled program instead of eager
+# op-by-op dispatch, which costs several times more XLA compile time on CPU.
+def _split(kwargs):
+    arrays = {k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, dict))}
+    return arrays, tuple(sorted((k, v) for k, v in kwargs.items() if k not in arrays))
+
+
+def init(model, *args, **kwargs):
+    arrays, static = _split(kwargs)
+    return _jitted(model.init, static)(KEY, *args, **arrays)
+
+
+def apply(model, variables, *args, **kwargs):
+    arrays, static = _split(kwargs)
+    return _jitted(model.apply, static)(variables, *args, **arrays)
 PALETTE = np.array([[1, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1]], np.float32)
 HEADS = dict(num_classes=(4, 2, 9), head_names=("color", "size", "position"))
 
@@ -32,34 +64,35 @@ def squares(n: int, seed: int, size: int = 16):
 def test_coord_channels():
     out = add_coord_channels(jnp.zeros((2, 4, 6, 3)))
     assert out.shape == (2, 4, 6, 5)
-    np.testing.assert_allclose(out[0, 0, :, 3], np.linspace(-1, 1, 6), atol=1e-6)  # x along width
-    np.testing.assert_allclose(out[0, :, 0, 4], np.linspace(-1, 1, 4), atol=1e-6)  # y along height
+    # Channel 3 is x (varies along width), channel 4 is y (varies along height).
+    np.testing.assert_allclose(out[0, 0, :, 3], np.linspace(-1, 1, 6), atol=1e-6)
+    np.testing.assert_allclose(out[0, :, 0, 4], np.linspace(-1, 1, 4), atol=1e-6)
 
 
 def test_shapes_and_dtypes():
     images = jnp.zeros((2, 16, 16, 3))
     model = CNNTiny(dtype=jnp.bfloat16)
-    variables = model.init(KEY, images)
+    # eval_shape checks shapes and dtype promotion without compiling.
+    variables = jax.eval_shape(model.init, KEY, images)
     assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
-    logits, aux = model.apply(variables, images)
+    logits, aux = jax.eval_shape(model.apply, variables, images)
     assert set(logits) == {"shape", "color", "size", "position"}
     for name, n in zip(model.head_names, model.num_classes):
         assert logits[name].shape == (2, n) and logits[name].dtype == jnp.float32
-    # Mean plus x- and y-moments of each final channel.
-    assert aux["features"].shape == (2, 3 * model.widths[-1])
+    # Mean, max, x- and y-moment of each final channel.
+    assert aux["features"].shape == (2, 4 * model.widths[-1])
     assert aux["features"].dtype == jnp.float32
 
 
 def test_learns_all_heads_including_position():
-    """150 Adam steps fit colour, size and position, and position generalises to new images.
-
-    Global average pooling alone discards where the object is; a plain ResNet (no CoordConv,
-    no moment pooling) reaches ~94% held-out position here, the model as built ~99.6%.
+    """150 Adam steps fit colour, size and position, and position generalises to new images
+    (global pooling alone discards where the object is). Held-out position: 98.8-100% over
+    3 seeds; a plain ResNet with mean pooling only: 80-96%.
     """
     model = CNNTiny(**HEADS)
-    train_x, train_y = squares(256, seed=0)
+    train_x, train_y = squares(512, seed=0)
     test_x, test_y = squares(256, seed=1)
-    params = model.init(KEY, train_x[:1])["params"]
+    params = init(model, train_x[:1])["params"]
     tx = optax.adam(3e-3)
 
     @jax.jit
@@ -80,7 +113,7 @@ def test_learns_all_heads_including_position():
 
     opt_state = tx.init(params)
     for i in range(150):
-        params, opt_state = step(params, opt_state, jax.random.PRNGKey(i))
+        params, opt_state = step(params, opt_state, key(i))
 
     @jax.jit
     def accuracy(params, x, y):
@@ -96,7 +129,7 @@ def test_learns_all_heads_including_position():
 def test_rejects_mismatched_heads():
     model = ResNetClassifier(num_classes=(2, 3), head_names=("a",), widths=(8,), groups=4)
     try:
-        model.init(KEY, jnp.zeros((1, 8, 8, 3)))
+        init(model, jnp.zeros((1, 8, 8, 3)))
     except ValueError:
         return
     raise AssertionError("expected ValueError")

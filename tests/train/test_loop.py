@@ -103,3 +103,17 @@ def test_restore_on_one_device(vae_run, tmp_path):
     assert len(loaded.files) == len(expected)
     for i, leaf in enumerate(expected):
         np.testing.assert_array_equal(loaded[f"arr_{i}"], leaf)
+
+
+def test_persistent_compilation_cache_is_filled(vae_run):
+    workdir, _, _ = vae_run
+    cache = os.path.join(os.path.dirname(workdir), ".jax_cache")
+    assert os.path.isdir(cache) and os.listdir(cache)
+
+
+def test_rerun_of_a_finished_run_changes_nothing(vae_run):
+    workdir, config, result = vae_run
+    again = train(config, workdir)
+    assert again.step == result.step and not again.stopped_early
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(result.state.params),
+                 jax.device_get(again.state.params))
