@@ -84,13 +84,14 @@ def main(argv=None) -> int:
     parser.add_argument("--judge", help="workdir of a trained CNN judge (configs/cnn_shapes.py)")
     parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step", type=int, help="checkpoint step (default: latest good one)")
     args = parser.parse_args(argv)
 
     from mmjax import api
     from mmjax.checkpoint import CheckpointError
 
     try:
-        model = api.load(args.workdir)
+        model = api.load(args.workdir, step=args.step)
         judge = api.load(args.judge) if args.judge else None
         results = evaluate(model, judge=judge, num=args.num, seed=args.seed)
     except (FileNotFoundError, ValueError, CheckpointError) as e:

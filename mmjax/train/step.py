@@ -79,7 +79,7 @@ def make_train_step(objectives: tuple[Objective, ...], optimizers: dict[str, opt
             all_ok &= ok
             prefix = "" if single else f"{objective.name}/"
             metrics[f"{prefix}loss"] = loss
-            metrics[f"{prefix}grad_norm"] = optax.global_norm(grads)
+            metrics[f"{prefix}grad_norm"] = optax.tree.norm(grads)
             metrics[f"{prefix}lr"] = schedules[objective.name](state.step)
             metrics.update({f"{prefix}{k}": v for k, v in aux.items()})
 
