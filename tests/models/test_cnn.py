@@ -1,4 +1,3 @@
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -6,38 +5,8 @@ import numpy as np
 import optax
 
 from mmjax.models.cnn import CNNTiny, ResNetClassifier, add_coord_channels
+from tests.models.jit_helpers import KEY, init, key
 
-
-
-def key(seed: int) -> jax.Array:
-    # rbg keys: with the default (partitionable) threefry, XLA:CPU spends ~10 s compiling the
-    # random initialisers of even a tiny model; rbg compiles in a fraction of that.
-    return jax.random.key(seed, impl="rbg")
-
-
-KEY = key(0)
-
-
-@functools.lru_cache
-def _jitted(method, static_kwargs):
-    return jax.jit(functools.partial(method, **dict(static_kwargs)))
-
-
-# Jitted (and cached per module and static arguments): one compiled program instead of eager
-# op-by-op dispatch, which costs several times more XLA compile time on CPU.
-def _split(kwargs):
-    arrays = {k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, dict))}
-    return arrays, tuple(sorted((k, v) for k, v in kwargs.items() if k not in arrays))
-
-
-def init(model, *args, **kwargs):
-    arrays, static = _split(kwargs)
-    return _jitted(model.init, static)(KEY, *args, **arrays)
-
-
-def apply(model, variables, *args, **kwargs):
-    arrays, static = _split(kwargs)
-    return _jitted(model.apply, static)(variables, *args, **arrays)
 PALETTE = np.array([[1, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1]], np.float32)
 HEADS = dict(num_classes=(4, 2, 9), head_names=("color", "size", "position"))
 

@@ -7,16 +7,8 @@ import optax
 import pytest
 
 from mmjax.models.vae import LOGVAR_RANGE, VAE, CondVAETiny, VAETiny
+from tests.models.jit_helpers import KEY, key
 
-
-
-def key(seed: int) -> jax.Array:
-    # rbg keys: with the default (partitionable) threefry, XLA:CPU spends ~10 s compiling the
-    # random initialisers of even a tiny model; rbg compiles in a fraction of that.
-    return jax.random.key(seed, impl="rbg")
-
-
-KEY = key(0)
 RNGS = {"params": KEY, "noise": key(1)}
 TOKENS = jnp.array([[1, 70, 71, 2, 0, 0], [1, 80, 81, 82, 83, 2]], jnp.int32)
 
