@@ -1,0 +1,1 @@
+"""Diffusion noise schedules, samplers and editing primitives (see schedules.py, samplers.py)."""
