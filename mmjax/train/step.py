@@ -52,6 +52,12 @@ def _grads(objective: Objective, params, batch, key, step, grad_accum: int):
     return jax.tree.map(lambda x: x / grad_accum, (loss, metrics, grads))
 
 
+def _trained_keys(objectives, params) -> list | None:
+    """Top-level params entries some objective updates (None: the whole tree)."""
+    keys = [o.params_key for o in objectives]
+    return None if None in keys or not isinstance(params, dict) else sorted(set(keys))
+
+
 def make_train_step(objectives: tuple[Objective, ...], optimizers: dict[str, optax.GradientTransformation],
                     schedules: dict[str, optax.Schedule], *, ema_decay: float, grad_accum: int = 1):
     """Returns the (un-jitted) step; `step.trace_count[0]` counts how often it was traced."""
@@ -71,9 +77,12 @@ def make_train_step(objectives: tuple[Objective, ...], optimizers: dict[str, opt
             new_own = optax.apply_updates(own, updates)
             # A non-finite loss, gradient or update must never reach the parameters: keep the
             # old ones, and let the host decide (from `nonfinite`) whether to halt.
+            # A `cond`, not a `where` per leaf: XLA:CPU compile time exploded (minutes) on a
+            # UNet when every leaf's select hung off the one all-finite predicate.
             ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_own)
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-            new_own, new_opt = keep(new_own, own), keep(new_opt, opt_states[objective.name])
+            new_own, new_opt = jax.lax.cond(
+                ok, lambda a, b: a, lambda a, b: b,
+                (new_own, new_opt), (own, opt_states[objective.name]))
             params = new_own if objective.params_key is None else {**params, objective.params_key: new_own}
             opt_states[objective.name] = new_opt
             all_ok &= ok
@@ -84,9 +93,17 @@ def make_train_step(objectives: tuple[Objective, ...], optimizers: dict[str, opt
             metrics.update({f"{prefix}{k}": v for k, v in aux.items()})
 
         # EMA with a short warm-up so early samples are not dominated by the random init.
+        # A skipped step leaves the EMA alone (a `cond` again, for compile time).
         decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
-        decay = jnp.where(all_ok, decay, 1.0)
-        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+        # Only what an objective trains has an average; frozen entries (a latent model's
+        # VAE) are carried over bit for bit.
+        trained = _trained_keys(objectives, params)
+        pick = (lambda tree: tree) if trained is None else (lambda tree: {k: tree[k] for k in trained})  # noqa: E731
+        ema = jax.lax.cond(
+            all_ok, lambda e, p: jax.tree.map(lambda a, b: decay * a + (1.0 - decay) * b, e, p),
+            lambda e, p: e, pick(state.ema_params), pick(params))
+        if trained is not None:
+            ema = {**state.ema_params, **ema}
         metrics["nonfinite"] = jnp.where(all_ok, 0, 1).astype(jnp.int32)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_states, ema_params=ema)
         return new_state, metrics
