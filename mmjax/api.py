@@ -9,6 +9,9 @@ same bytes.
 from __future__ import annotations
 
 import functools
+import hashlib
+import inspect
+import json
 import os
 from collections.abc import Sequence
 
@@ -16,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import serialization
 
 from mmjax import sharding, zoo
 from mmjax.checkpoint import Checkpointer
@@ -56,7 +60,10 @@ class LoadedModel:
         key = (name, tuple(sorted(static.items())))
         if key not in self._compiled:
             fn = functools.partial(self.family.abilities[name], self.module)
-            self._compiled[key] = jax.jit(lambda params, *args: fn(params, self.config, *args, **static))
+            # Positional and keyword array arguments are traced (new values do not recompile);
+            # `static` options (sampler, steps, ...) are baked in, one program per setting.
+            self._compiled[key] = jax.jit(
+                lambda params, *args, **kwargs: fn(params, self.config, *args, **kwargs, **static))
         return self._compiled[key]
 
     def _tokens(self, prompts: Sequence[str]) -> jax.Array:
@@ -75,18 +82,100 @@ class LoadedModel:
                              f"got {images.shape[1]}x{images.shape[2]}")
         return jnp.asarray(to_float(images))
 
-    def generate(self, prompts: Sequence[str] | str, num: int = 1, seed: int = 0, **options) -> np.ndarray:
-        """`num` images for each prompt, prompt-major: [len(prompts) * num, H, W, 3] uint8."""
+    def _prompts_for(self, prompts, count: int, what: str = "prompts") -> jax.Array:
+        """One caption per image: a single prompt serves every image."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if len(prompts) == 1:
+            prompts = prompts * count
+        if len(prompts) != count:
+            raise ValueError(f"got {len(prompts)} {what} for {count} images; give one, or one per image")
+        return self._tokens(prompts)
+
+    def generate(self, prompts: Sequence[str] | str, num: int = 1, seed: int = 0, *,
+                 guidance: float | None = None, negative_prompt: str | None = None, **options) -> np.ndarray:
+        """`num` images for each prompt, prompt-major: [len(prompts) * num, H, W, 3] uint8.
+
+        Diffusion: `guidance` (classifier-free scale; 1 = conditional only), `negative_prompt`
+        (the caption guidance steers away from; default the empty one) and static options
+        `sampler` ('ddpm', 'ddim', 'dpmpp_2m', 'euler'), `steps`, `eta`. VAE: `temperature`.
+        """
         tokens = jnp.repeat(self._tokens(prompts), num, axis=0)
+        dynamic = self._guidance(guidance, "generate")
+        if negative_prompt is not None:
+            dynamic["uncond_tokens"] = self._prompts_for(negative_prompt, len(tokens), "negative prompts")
         fn = self._ability("generate", **options)
-        return to_uint8(jax.device_get(fn(self.params, tokens, jax.random.key(seed))))
+        return to_uint8(jax.device_get(fn(self.params, tokens, jax.random.key(seed), **dynamic)))
+
+    def img2img(self, images, prompts, strength: float = 0.6, seed: int = 0, *,
+                guidance: float | None = None, **options) -> np.ndarray:
+        """SDEdit: re-noise the images to `strength` in (0, 1] and denoise toward `prompts`."""
+        x = self._images(images)
+        tokens = self._prompts_for(prompts, len(x))
+        fn = self._ability("img2img", strength=float(strength), **options)
+        out = fn(self.params, x, tokens, jax.random.key(seed), **self._guidance(guidance, "img2img"))
+        return to_uint8(jax.device_get(out))
+
+    def inpaint(self, images, masks, prompts, seed: int = 0, *, guidance: float | None = None,
+                **options) -> np.ndarray:
+        """Regenerate where `masks` ([N, H, W] or [H, W], nonzero = regenerate) is set."""
+        x = self._images(images)
+        masks = np.asarray(masks)
+        if masks.ndim == 2:
+            masks = np.broadcast_to(masks, (len(x),) + masks.shape)
+        if masks.shape != x.shape[:3]:
+            raise ValueError(f"masks must be [N, H, W] matching the images {tuple(x.shape[:3])}, got {masks.shape}")
+        tokens = self._prompts_for(prompts, len(x))
+        fn = self._ability("inpaint", **options)
+        return to_uint8(jax.device_get(fn(self.params, x, jnp.asarray(masks != 0), tokens, jax.random.key(seed),
+                                          **self._guidance(guidance, "inpaint"))))
+
+    def edit(self, images, source_prompts, target_prompts, *, guidance: float | None = None,
+             **options) -> np.ndarray:
+        """Prompt edit: invert each image under its caption, regenerate under the target one."""
+        x = self._images(images)
+        source = self._prompts_for(source_prompts, len(x), "source prompts")
+        target = self._prompts_for(target_prompts, len(x), "target prompts")
+        fn = self._ability("edit", **options)
+        return to_uint8(jax.device_get(fn(self.params, x, source, target, **self._guidance(guidance, "edit"))))
+
+    def _guidance(self, guidance, ability: str) -> dict:
+        """The guidance scale as a traced argument (always passed, so that changing it never
+        recompiles), defaulting to the config's; {} for abilities without guidance."""
+        fn = self.family.abilities.get(ability)
+        if fn is None or "guidance" not in inspect.signature(fn).parameters:
+            if guidance is not None:
+                raise ValueError(f"the {self.config.family!r} family's {ability} takes no guidance")
+            return {}
+        return {"guidance": jnp.float32(self.config.sample.guidance if guidance is None else guidance)}
 
     def reconstruct(self, images, prompts: Sequence[str] | None = None) -> np.ndarray:
         tokens = None if prompts is None else self._tokens(prompts)
         return to_uint8(jax.device_get(self._ability("reconstruct")(self.params, self._images(images), tokens)))
 
-    def interpolate(self, image_a, image_b, num: int = 8, prompt_a: str | None = None,
-                    prompt_b: str | None = None) -> np.ndarray:
+    def interpolate(self, image_a=None, image_b=None, num: int = 8, prompt_a: str | None = None,
+                    prompt_b: str | None = None, *, seed_a: int = 0, seed_b: int | None = None,
+                    **options) -> np.ndarray:
+        """`num` images on a path between two ends.
+
+        Autoencoders: between two images (`image_a`, `image_b`; prompts optional). Diffusion:
+        between (prompt_a, seed_a) and (prompt_b, seed_b); the same prompt at both ends walks
+        between seeds (slerp of the starting noise), the same seed between prompts.
+        """
+        if "interpolate_noise" in self.family.abilities:
+            if image_a is not None or image_b is not None:
+                raise ValueError(f"the {self.config.family!r} family interpolates between prompts and "
+                                 "seeds, not images: pass prompt_a/prompt_b and seed_a/seed_b")
+            pa = prompt_a if prompt_a is not None else prompt_b
+            pb = prompt_b if prompt_b is not None else prompt_a
+            if pa is None:
+                raise ValueError("give prompt_a and/or prompt_b")
+            seed_b = seed_a if seed_b is None else seed_b
+            fn = self._ability("interpolate_noise", num=num, **options)
+            out = fn(self.params, self._tokens([pa])[0], self._tokens([pb])[0], jax.random.key(seed_a),
+                     jax.random.key(seed_b))
+            return to_uint8(jax.device_get(out))
+        if image_a is None or image_b is None:
+            raise ValueError("give image_a and image_b")
         a, b = self._images(image_a)[0], self._images(image_b)[0]
         # One prompt given serves both ends.
         pa = prompt_a if prompt_a is not None else prompt_b
@@ -112,21 +201,88 @@ def grid(images, ncols: int | None = None, captions=None):
     return make_grid(np.asarray(images), ncols=ncols, captions=captions)
 
 
+EXPORT_PARAMS = "ema_params.msgpack"
+EXPORT_MANIFEST = "manifest.json"
+
+
+def _abstract_params(config):
+    family = zoo.FAMILIES.get(config.family)
+    if family is None:
+        raise ValueError(f"checkpoint is of unknown family {config.family!r}")
+    module = zoo.build_model(config)
+    objectives = family.objectives(module, config)
+    optimizers = {o.name: make_optimizer(config[o.optim_section], config.train.num_steps)[0] for o in objectives}
+    abstract = jax.eval_shape(functools.partial(create_state, family, module, config, optimizers, objectives))
+    return family, module, abstract
+
+
+def export(workdir: str, out_dir: str, step: int | None = None, dtype: str | None = None) -> str:
+    """Writes the EMA weights and config of `workdir` (a few MB, no optimizer state) to
+    `out_dir`, which `load` reads like a workdir. Written to a temporary directory and renamed
+    into place, so `out_dir` is never half-written; an existing `out_dir` is refused.
+
+    `dtype` ('float16' or 'bfloat16') stores floating weights at half the size; `load` casts
+    them back to float32. Measure the exported model: rounding can change samples.
+    """
+    if os.path.exists(out_dir):
+        raise FileExistsError(f"refusing to overwrite {out_dir!r}; remove it first")
+    if dtype not in (None, "float32", "float16", "bfloat16"):
+        raise ValueError(f"export dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    model = load(workdir, step=step)
+    params = jax.device_get(model.params)
+    if dtype not in (None, "float32"):
+        params = jax.tree.map(lambda x: x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x, params)
+    data = serialization.to_bytes(params)
+    tmp = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+        f.write(model.config.to_json(indent=2))
+    with open(os.path.join(tmp, EXPORT_PARAMS), "wb") as f:
+        f.write(data)
+    manifest = {"step": model.step, "source": os.path.abspath(workdir), "stored_dtype": dtype or "float32",
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest()}
+    with open(os.path.join(tmp, EXPORT_MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def _load_export(path: str) -> LoadedModel:
+    with open(os.path.join(path, EXPORT_MANIFEST), encoding="utf-8") as f:
+        manifest = json.load(f)
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    with open(os.path.join(path, EXPORT_PARAMS), "rb") as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
+        raise ValueError(f"{path}: {EXPORT_PARAMS} is damaged (its sha256 does not match {EXPORT_MANIFEST})")
+    _, module, abstract = _abstract_params(config)
+    template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract.ema_params)
+    stored = serialization.from_bytes(template, data)
+    params = jax.tree.map(lambda x, t: np.asarray(x).astype(t.dtype), stored, template)
+    params = jax.device_put(params, sharding.replicated(sharding.make_mesh()))
+    return LoadedModel(config, module, params, int(manifest["step"]), path)
+
+
 def load(workdir: str, step: int | None = None) -> LoadedModel:
-    """Restores the EMA weights from `workdir` (read-only) onto the devices present."""
+    """Restores the EMA weights from `workdir` (read-only) onto the devices present.
+
+    `workdir` is a train.py workdir, or a directory written by `export` (e.g. `pretrained/`).
+    """
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir not found: {workdir!r}")
+    if os.path.exists(os.path.join(workdir, EXPORT_MANIFEST)):
+        if step is not None:
+            raise ValueError(f"{workdir} is an exported model with one step; do not pass step")
+        return _load_export(workdir)
     with Checkpointer(workdir, read_only=True) as ckpt:
         saved = ckpt.restore_config(step)
         config = ml_collections.ConfigDict(saved)
-        family = zoo.FAMILIES.get(config.family)
-        if family is None:
-            raise ValueError(f"{workdir}: checkpoint is of unknown family {config.family!r}")
-        module = zoo.build_model(config)
-        objectives = family.objectives(module, config)
-        optimizers = {o.name: make_optimizer(config[o.optim_section], config.train.num_steps)[0]
-                      for o in objectives}
-        abstract = jax.eval_shape(functools.partial(create_state, family, module, config, optimizers, objectives))
+        try:
+            _, module, abstract = _abstract_params(config)
+        except ValueError as e:
+            raise ValueError(f"{workdir}: {e}") from e
         replicated = sharding.replicated(sharding.make_mesh())
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
         restored = ckpt.restore(target, step=step)

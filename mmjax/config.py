@@ -45,8 +45,21 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
         raise ConfigError(f"{path}: {e}") from e
     config.lock()
     apply_overrides(config, overrides)
+    resolve(config)
     validate(config)
     return config
+
+
+def resolve(config: ConfigDict) -> None:
+    """Lets the family fill fields derived from elsewhere (see `Family.resolve`)."""
+    from mmjax import zoo
+
+    family = zoo.FAMILIES.get(config.family)
+    if family is not None and family.resolve is not None:
+        try:
+            family.resolve(config)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
 
 
 def split_override_args(args: Sequence[str]) -> list[str]:
@@ -176,6 +189,11 @@ def validate(config: ConfigDict) -> None:
         )
     if not 16 <= config.data.image_size <= 256:
         raise ConfigError(f"config key 'data.image_size' must be in [16, 256], got {config.data.image_size}")
+    if family.validate is not None:
+        try:
+            family.validate(config)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
 
 
 def base_config() -> ConfigDict:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from mmjax.families import cnn, vae
+from mmjax.families import cnn, diffusion, vae
 from mmjax.families.family import Family
 
 FAMILIES: dict[str, Family] = {
     "cnn": cnn.FAMILY,
     "vae": vae.FAMILY,
+    "diffusion": diffusion.FAMILY,
 }
 
 

@@ -29,3 +29,19 @@ def vae_run(tmp_path_factory):
 def cnn_run(tmp_path_factory):
     """A tiny CNN judge run (20 steps): enough to exercise classify and evaluation."""
     return _tiny_run(tmp_path_factory, "cnn_shapes")
+
+
+@pytest.fixture(scope="session")
+def diffusion_run(tmp_path_factory):
+    """A tiny pixel-space text-to-image diffusion run (20 steps)."""
+    return _tiny_run(tmp_path_factory, "diffusion_shapes")
+
+
+@pytest.fixture(scope="session")
+def ldm_run(tmp_path_factory, vae_run):
+    """A tiny latent diffusion run on the tiny VAE's latents (20 steps)."""
+    from mmjax.train.loop import train
+
+    workdir = str(tmp_path_factory.mktemp("runs") / "ldm_shapes")
+    config = tiny_config("ldm_shapes", f"latent.vae_workdir={vae_run[0]}")
+    return workdir, config, train(config, workdir)

@@ -43,3 +43,11 @@ class Family:
     # What a trained model can do; None where the family cannot. Each takes
     # (model, params, config, ...) and is wrapped by mmjax.api.
     abilities: Mapping[str, Callable[..., Any]] = dataclasses.field(default_factory=dict)
+    # (config) -> None: fills config fields derived from elsewhere (e.g. a frozen VAE's
+    # settings read from its checkpoint), after overrides and before validation.
+    resolve: Callable[[Any], None] | None = None
+    # (config) -> None: family-specific checks; raise ValueError naming the config key.
+    validate: Callable[[Any], None] | None = None
+    # (params, config, batches) -> params: at a fresh start only (never on resume), e.g. to
+    # load frozen pretrained weights. `batches` yields host training batches.
+    prepare: Callable[..., Any] | None = None

@@ -155,6 +155,8 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> RunResult:
             log.info("resumed from step %d in %s", start, workdir)
         else:
             state = jax.jit(init_fn, out_shardings=state_shardings)()
+            if family.prepare is not None:
+                state = _prepare(family, state, config, replicated)
             start, start_batch = 0, 0
         if is_main:
             with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -248,6 +250,17 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> RunResult:
             writer.close()
     return RunResult(state=state, step=step, last_metrics=last_metrics, eval_metrics=eval_metrics,
                      trace_count=step_fn.trace_count[0], stopped_early=stopped_early)
+
+
+def _prepare(family, state: TrainState, config, replicated) -> TrainState:
+    """The family's fresh-start hook (e.g. loading a frozen VAE). Every process reads the same
+    batches (process 0's view of an unshuffled epoch), so all compute identical parameters."""
+    batches = pipeline.make_batches(
+        pipeline.make_source(config.data, "train"), global_batch=config.train.batch_size,
+        max_len=config.data.max_len, seed=config.data.seed, process_index=0, process_count=1,
+        shuffle=False, num_epochs=1)
+    params = jax.device_put(family.prepare(jax.device_get(state.params), config, iter(batches)), replicated)
+    return state.replace(params=params, ema_params=jax.tree.map(lambda x: x.copy(), params))
 
 
 def _eval_batches(config, mesh) -> list[dict]:

@@ -1,0 +1,450 @@
+"""Text-to-image diffusion, in pixel space or on the latents of a frozen VAE.
+
+Training: sample t, noise the clean input x0 to x_t, and regress the UNet's output on the
+prediction target (`loss.prediction`: eps, v or x0), weighted uniformly or by min-SNR-γ. The
+caption is replaced by the empty caption with probability `loss.p_uncond`, so one network
+learns both the conditional and the unconditional prediction that classifier-free guidance
+mixes at sampling time.
+
+Latent diffusion (`latent.vae_workdir` set): x0 is the VAE encoder's posterior mean,
+normalised per channel by statistics measured on training data at the start of the run. The
+VAE's weights and those statistics live in the parameters beside the UNet (`vae`, `latent`),
+frozen (the one objective updates only `unet`), so a checkpoint is self-contained: it samples
+without the VAE's workdir. The VAE's family, variant and model fields are copied into
+`latent.vae_config` when the config is resolved, so the module can be rebuilt from any
+checkpoint.
+
+Everything a trained model does (generate, img2img, inpaint, edit, interpolate) builds one
+guided denoiser `(x_t, t) -> (x0, eps)` and hands it to `mmjax.sampling`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.data.tokenizer import ByteTokenizer
+from mmjax.families.family import Family, Objective
+from mmjax.models.unet import DDPM32, LDM64, DDPM32Text, UNetLatentSmall, UNetSmall, UNetTiny
+from mmjax.sampling import samplers
+from mmjax.sampling import schedules as sched
+
+log = logging.getLogger("mmjax.diffusion")
+
+VARIANTS = {
+    "tiny": UNetTiny,
+    "small": UNetSmall,
+    "latent_small": UNetLatentSmall,
+    "ddpm32": DDPM32,
+    "ddpm32_text": DDPM32Text,
+    "ldm64": LDM64,
+}
+
+WEIGHTINGS = ("uniform", "min_snr")
+SCHEDULES = ("linear", "cosine")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config: defaults, resolution of the VAE, validation
+# ---------------------------------------------------------------------------------------------
+
+def add_defaults(c) -> None:
+    """The `loss`, `sample` and `latent` fields a diffusion config has (config files call this)."""
+    c.loss.schedule = "cosine"
+    c.loss.num_timesteps = 1000
+    c.loss.prediction = "eps"
+    c.loss.weighting = "min_snr"
+    c.loss.snr_gamma = 5.0
+    c.loss.p_uncond = 0.1
+    c.sample.sampler = "ddim"
+    c.sample.steps = 50
+    c.sample.guidance = 3.0
+    c.sample.eta = 0.0
+    c.sample.preview_steps = 25
+    c.latent = type(c)()
+    c.latent.vae_workdir = ""  # "" = pixel space
+    c.latent.vae_step = -1  # -1 = the VAE's latest good step
+    c.latent.vae_config = ""  # filled by `resolve` from the VAE checkpoint (JSON)
+    c.latent.stats_batches = 16  # training batches used to measure the latent mean and std
+
+
+def resolve(config) -> None:
+    """Copies the VAE's family/variant/model/data fields into `latent.vae_config`."""
+    workdir = config.latent.vae_workdir
+    if not workdir or config.latent.vae_config:
+        return
+    from mmjax.checkpoint import Checkpointer  # checkpoint knows no families; no cycle
+
+    if not os.path.isdir(workdir):
+        raise ValueError(f"config key 'latent.vae_workdir': no such directory {workdir!r} "
+                         "(train a VAE first: python train.py --config configs/vae_shapes.py --workdir runs/vae)")
+    with Checkpointer(workdir, read_only=True) as ckpt:
+        step = None if config.latent.vae_step < 0 else config.latent.vae_step
+        saved = ckpt.restore_config(step)
+    if saved.get("family") != "vae":
+        raise ValueError(f"config key 'latent.vae_workdir': {workdir!r} holds a {saved.get('family')!r} "
+                         "checkpoint, not a VAE")
+    vae_cfg = {k: saved[k] for k in ("variant", "model", "dtype")}
+    vae_cfg["image_size"] = saved["data"]["image_size"]
+    vae_cfg["max_len"] = saved["data"]["max_len"]
+    config.latent.vae_config = json.dumps(vae_cfg, sort_keys=True)
+
+
+def validate(config) -> None:
+    loss = config.loss
+    if loss.prediction not in sched.PREDICTIONS:
+        raise ValueError(f"config key 'loss.prediction' must be one of {sched.PREDICTIONS}, got {loss.prediction!r}")
+    if loss.weighting not in WEIGHTINGS:
+        raise ValueError(f"config key 'loss.weighting' must be one of {WEIGHTINGS}, got {loss.weighting!r}")
+    if loss.schedule not in SCHEDULES:
+        raise ValueError(f"config key 'loss.schedule' must be one of {SCHEDULES}, got {loss.schedule!r}")
+    if not 0.0 <= loss.p_uncond < 1.0:
+        raise ValueError(f"config key 'loss.p_uncond' must be in [0, 1), got {loss.p_uncond}")
+    if config.sample.sampler not in samplers.SAMPLERS:
+        raise ValueError(f"config key 'sample.sampler' must be one of {samplers.SAMPLERS}, "
+                         f"got {config.sample.sampler!r}")
+    if config.latent.vae_config:
+        vae_cfg = json.loads(config.latent.vae_config)
+        for key in ("image_size", "max_len"):
+            if vae_cfg[key] != config.data[key]:
+                raise ValueError(f"config key 'data.{key}' is {config.data[key]} but the VAE in "
+                                 f"{config.latent.vae_workdir!r} was trained with {vae_cfg[key]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces shared by training and sampling
+# ---------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=8)
+def _vae_module(vae_config_json: str, dtype: str):
+    from mmjax.families import vae as vae_family  # a latent model rides on a VAE
+
+    cfg = json.loads(vae_config_json)
+    return vae_family.VARIANTS[cfg["variant"]](**cfg["model"], dtype=jnp.dtype(dtype))
+
+
+def vae_module(config):
+    """The frozen VAE's module, or None in pixel space."""
+    if not config.latent.vae_config:
+        return None
+    return _vae_module(config.latent.vae_config, config.dtype)
+
+
+def schedule(config) -> sched.Schedule:
+    return sched.make_schedule(config.loss.schedule, config.loss.num_timesteps)
+
+
+def x0_shape(config) -> tuple[int, int, int]:
+    """The shape the diffusion runs on: the image, or the VAE latent."""
+    size = config.data.image_size
+    vae = vae_module(config)
+    if vae is None:
+        return (size, size, 3)
+    side = size // (2 ** (len(vae.widths) - 1))
+    return (side, side, vae.latent_channels)
+
+
+@functools.lru_cache(maxsize=8)
+def _empty_tokens(max_len: int) -> np.ndarray:
+    return ByteTokenizer(max_len).encode([""])[0]
+
+
+def empty_tokens(config, batch: int) -> jax.Array:
+    """The empty caption (BOS, EOS, padding): what the unconditional branch sees."""
+    return jnp.broadcast_to(jnp.asarray(_empty_tokens(config.data.max_len)), (batch, config.data.max_len))
+
+
+def encode(model, params, config, images, tokens):
+    """Images in [-1, 1] -> what the diffusion runs on (normalised latents, or the images)."""
+    vae = vae_module(config)
+    if vae is None:
+        return images
+    mean, _ = vae.apply({"params": params["vae"]}, images, tokens, method=type(vae).encode)
+    stats = params["latent"]
+    return (jax.lax.stop_gradient(mean) - stats["mean"]) / stats["std"]
+
+
+def decode(model, params, config, x0, tokens):
+    """The inverse of `encode` (through the VAE decoder, reading the caption if it does)."""
+    vae = vae_module(config)
+    if vae is None:
+        return jnp.clip(x0, -1, 1)
+    stats = params["latent"]
+    z = x0 * stats["std"] + stats["mean"]
+    return jnp.clip(vae.apply({"params": params["vae"]}, z, tokens, method=type(vae).decode), -1, 1)
+
+
+def _reads_text(model) -> bool:
+    return model.text is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Init and the objective
+# ---------------------------------------------------------------------------------------------
+
+def init(model, rng, batch, config):
+    unet_key, vae_key = jax.random.split(rng)
+    shape = x0_shape(config)
+    x = jnp.zeros((1,) + shape, jnp.float32)
+    tokens = batch["tokens"][:1] if _reads_text(model) else None
+    params = {"unet": model.init({"params": unet_key}, x, jnp.zeros((1,), jnp.int32), tokens)["params"]}
+    vae = vae_module(config)
+    if vae is not None:
+        # Placeholder weights of the right shapes; `prepare` loads the trained VAE.
+        variables = vae.init({"params": vae_key, "noise": vae_key}, batch["image"][:1], batch["tokens"][:1])
+        params["vae"] = variables["params"]
+        params["latent"] = {"mean": jnp.zeros((shape[-1],), jnp.float32),
+                            "std": jnp.ones((shape[-1],), jnp.float32)}
+    return params
+
+
+def prepare(params, config, batches):
+    """At a fresh start of a latent run: the trained VAE's weights and the latent statistics.
+
+    `batches` yields training batches (host numpy); the per-channel mean and std of the
+    posterior means over `latent.stats_batches` of them normalise the latents to unit scale.
+    """
+    if not config.latent.vae_config:
+        return params
+    from mmjax import api  # the loaded VAE comes through the public loader
+
+    step = None if config.latent.vae_step < 0 else config.latent.vae_step
+    vae = api.load(config.latent.vae_workdir, step=step)
+    module = vae_module(config)
+    encode_fn = jax.jit(lambda p, x, tok: module.apply({"params": p}, x, tok, method=type(module).encode)[0])
+    means = []
+    for _, batch in zip(range(max(1, config.latent.stats_batches)), batches):
+        means.append(np.asarray(encode_fn(vae.params, jnp.asarray(batch["image"]), jnp.asarray(batch["tokens"]))))
+    z = np.concatenate(means).reshape(-1, means[0].shape[-1])
+    stats = {"mean": z.mean(0).astype(np.float32), "std": np.maximum(z.std(0), 1e-3).astype(np.float32)}
+    log.info("latent diffusion on %s (VAE step %d): latent shape %s, channel std %s",
+             config.latent.vae_workdir, vae.step, means[0].shape[1:], np.round(stats["std"], 3).tolist())
+    return {**params, "vae": vae.params, "latent": stats}
+
+
+def objectives(model, config):
+    s = schedule(config)
+    loss_cfg = config.loss
+    text = _reads_text(model)
+
+    def loss_fn(params, batch, rng, step):
+        images, tokens = batch["image"], batch["tokens"]
+        x0 = encode(model, params, config, images, tokens)
+        t_key, noise_key, drop_key, dropout_key = jax.random.split(rng, 4)
+        batch_size = x0.shape[0]
+        t = jax.random.randint(t_key, (batch_size,), 0, s.num_timesteps)
+        noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+        x_t = sched.q_sample(s, x0, t, noise)
+        cond = None
+        if text:
+            drop = jax.random.bernoulli(drop_key, loss_cfg.p_uncond, (batch_size,))
+            cond = jnp.where(drop[:, None], empty_tokens(config, batch_size), tokens)
+        out = model.apply({"params": params["unet"]}, x_t, t, cond, train=True, rngs={"dropout": dropout_key})
+        target = sched.model_target(loss_cfg.prediction, x0, noise, s, t)
+        per_example = jnp.mean(jnp.square(out.astype(jnp.float32) - target), axis=tuple(range(1, x0.ndim)))
+        weights = sched.loss_weights(loss_cfg.weighting, loss_cfg.prediction, s, t, loss_cfg.snr_gamma)
+        loss = jnp.mean(weights * per_example)
+        return loss, {"mse": jnp.mean(per_example)}
+
+    return (Objective("diffusion", loss_fn, params_key="unet"),)
+
+
+def evaluate(model, params, batch, config):
+    """Denoising error on test data at fixed noise levels and noise: comparable across steps."""
+    s = schedule(config)
+    x0 = encode(model, params, config, batch["image"], batch["tokens"])
+    metrics = {}
+    for frac in (0.1, 0.5, 0.9):
+        t = jnp.full((x0.shape[0],), int(frac * (s.num_timesteps - 1)), jnp.int32)
+        noise = jax.random.normal(jax.random.key(int(frac * 1000)), x0.shape)
+        x_t = sched.q_sample(s, x0, t, noise)
+        out = model.apply({"params": params["unet"]}, x_t, t, batch["tokens"] if _reads_text(model) else None)
+        x0_hat, _ = sched.predict_x0_eps(config.loss.prediction, out.astype(jnp.float32), x_t, s, t)
+        metrics[f"x0_mse_t{int(frac * 100)}"] = jnp.mean(jnp.square(x0_hat - x0))
+    metrics["x0_mse"] = jnp.mean(jnp.stack(list(metrics.values())))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The guided denoiser, and what a trained model does with it
+# ---------------------------------------------------------------------------------------------
+
+def _text(model, params, tokens):
+    from mmjax.models.unet import UNet
+
+    return model.apply({"params": params["unet"]}, tokens, method=UNet.encode_text)
+
+
+def make_denoiser(model, params, config, tokens, uncond_tokens, guidance, weights=None, tokens_b=None):
+    """`(x_t, t) -> (x0, eps)` with classifier-free guidance.
+
+    One UNet call per step evaluates the conditional and unconditional rows together:
+    `out = out_u + guidance * (out_c - out_u)` (guidance 1 = conditional, 0 = unconditional).
+    With `tokens_b` and per-row `weights`, the conditional output is the blend
+    `(1 - w) * out(a) + w * out(b)`: interpolation between two prompts. In pixel space the
+    x0 estimate is clipped to [-1, 1].
+    """
+    from mmjax.models.unet import UNet
+
+    s = schedule(config)
+    pixel = vae_module(config) is None
+    unet = {"params": params["unet"]}
+    if not _reads_text(model):
+        def raw(x, t):
+            return model.apply(unet, x, t, None, method=UNet.denoise)
+    else:
+        groups = [tokens, uncond_tokens] + ([tokens_b] if tokens_b is not None else [])
+        text = _text(model, params, jnp.concatenate(groups))
+        n = len(groups)
+
+        def raw(x, t):
+            out = model.apply(unet, jnp.concatenate([x] * n), jnp.concatenate([t] * n), text,
+                              method=UNet.denoise).astype(jnp.float32)
+            parts = jnp.split(out, n)
+            out_c, out_u = parts[0], parts[1]
+            if tokens_b is not None:
+                w = weights.reshape((-1,) + (1,) * (x.ndim - 1))
+                out_c = (1 - w) * out_c + w * parts[2]
+            return out_u + guidance * (out_c - out_u)
+
+    def denoise(x, t):
+        x0, eps = sched.predict_x0_eps(config.loss.prediction, raw(x, t).astype(jnp.float32), x, s, t)
+        if pixel:
+            alpha, sigma = sched.alpha_sigma(s, t)
+            shape = (-1,) + (1,) * (x.ndim - 1)
+            x0 = jnp.clip(x0, -1, 1)
+            eps = (x - alpha.reshape(shape) * x0) / sigma.reshape(shape)
+        return x0, eps
+
+    return denoise
+
+
+def _uncond(config, tokens, uncond_tokens):
+    return empty_tokens(config, tokens.shape[0]) if uncond_tokens is None else uncond_tokens
+
+
+def generate(model, params, config, tokens, rng, guidance=None, uncond_tokens=None, *,
+             sampler=None, steps=None, eta=None):
+    """One image per row of `tokens`, from noise; `uncond_tokens` is the negative prompt."""
+    sampler = sampler or config.sample.sampler
+    steps = steps or config.sample.steps
+    eta = config.sample.eta if eta is None else eta
+    guidance = config.sample.guidance if guidance is None else guidance
+    noise_key, sample_key = jax.random.split(rng)
+    x_T = jax.random.normal(noise_key, (tokens.shape[0],) + x0_shape(config))
+    denoise = make_denoiser(model, params, config, tokens, _uncond(config, tokens, uncond_tokens), guidance)
+    x0 = samplers.sample(denoise, schedule(config), x_T, sample_key, sampler=sampler, steps=steps, eta=eta)
+    return decode(model, params, config, x0, tokens)
+
+
+def img2img(model, params, config, images, tokens, rng, guidance=None, *, strength, sampler=None, steps=None):
+    """SDEdit: noise the images to `strength` of the way and denoise them toward the prompt."""
+    guidance = config.sample.guidance if guidance is None else guidance
+    x0 = encode(model, params, config, images, tokens)
+    denoise = make_denoiser(model, params, config, tokens, empty_tokens(config, tokens.shape[0]), guidance)
+    out = samplers.img2img(denoise, schedule(config), x0, rng, strength=strength,
+                           sampler=sampler or config.sample.sampler, steps=steps or config.sample.steps)
+    return decode(model, params, config, out, tokens)
+
+
+def inpaint(model, params, config, images, masks, tokens, rng, guidance=None, *, steps=None, resample=4):
+    """Regenerates where `masks` [N, H, W] is 1 and keeps the pixels where it is 0.
+
+    In latent space the mask is resized to the latent grid (a latent cell is regenerated if
+    any of its pixels is masked) and the decoded result is composited back onto the input,
+    so unmasked pixels come back exactly as given.
+    """
+    guidance = config.sample.guidance if guidance is None else guidance
+    x0 = encode(model, params, config, images, tokens)
+    masks = masks.astype(jnp.float32)
+    if x0.shape[1:3] != images.shape[1:3]:
+        factor = images.shape[1] // x0.shape[1]
+        small = masks.reshape(masks.shape[0], x0.shape[1], factor, x0.shape[2], factor).max(axis=(2, 4))
+    else:
+        small = masks
+    latent_mask = jnp.broadcast_to(small[..., None], x0.shape)
+    denoise = make_denoiser(model, params, config, tokens, empty_tokens(config, tokens.shape[0]), guidance)
+    out = samplers.inpaint(denoise, schedule(config), x0, latent_mask, rng,
+                           steps=steps or config.sample.steps, resample=resample)
+    decoded = decode(model, params, config, out, tokens)
+    return jnp.where(masks[..., None] > 0.5, decoded, images)
+
+
+def edit(model, params, config, images, source_tokens, target_tokens, guidance=None, *,
+         strength=0.8, steps=None):
+    """Prompt edit: DDIM-invert the images under their own caption (unguided) up to
+    `strength` of the noise schedule, then sample back with the target caption and guidance:
+    what the two prompts share (the layout, the position, the size) survives the round trip."""
+    guidance = config.sample.guidance if guidance is None else guidance
+    steps = steps or config.sample.steps
+    s = schedule(config)
+    t_end = max(1, int(round(strength * (s.num_timesteps - 1))))
+    sub_steps = max(1, int(round(strength * steps)))
+    empty = empty_tokens(config, source_tokens.shape[0])
+    x0 = encode(model, params, config, images, source_tokens)
+    invert = make_denoiser(model, params, config, source_tokens, empty, 1.0)
+    x_t = samplers.ddim_invert(invert, s, x0, steps=sub_steps, t_end=t_end)
+    regen = make_denoiser(model, params, config, target_tokens, empty, guidance)
+    out = samplers.sample(regen, s, x_t, jax.random.key(0), sampler="ddim", steps=sub_steps, eta=0.0,
+                          t_start=t_end)
+    return decode(model, params, config, out, target_tokens)
+
+
+def _slerp(a, b, w):
+    a_flat, b_flat = a.reshape(-1), b.reshape(-1)
+    cos = jnp.dot(a_flat, b_flat) / (jnp.linalg.norm(a_flat) * jnp.linalg.norm(b_flat))
+    theta = jnp.arccos(jnp.clip(cos, -1.0, 1.0))
+    safe = jnp.maximum(jnp.sin(theta), 1e-6)
+    slerped = (jnp.sin((1 - w) * theta) * a + jnp.sin(w * theta) * b) / safe
+    return jnp.where(theta < 1e-4, (1 - w) * a + w * b, slerped)
+
+
+def interpolate_noise(model, params, config, tokens_a, tokens_b, rng_a, rng_b, guidance=None, *, num,
+                      sampler=None, steps=None):
+    """`num` images on a path from (prompt a, seed a) to (prompt b, seed b): the starting
+    noise is slerped, the prompts blended in the denoiser's conditional output. Same prompt
+    at both ends: seed interpolation; same seed: prompt interpolation."""
+    guidance = config.sample.guidance if guidance is None else guidance
+    shape = x0_shape(config)
+    noise_a = jax.random.normal(rng_a, shape)
+    noise_b = jax.random.normal(rng_b, shape)
+    weights = jnp.linspace(0.0, 1.0, num)
+    x_T = jax.vmap(lambda w: _slerp(noise_a, noise_b, w))(weights)
+    ta = jnp.broadcast_to(tokens_a, (num,) + tokens_a.shape)
+    tb = jnp.broadcast_to(tokens_b, (num,) + tokens_b.shape)
+    denoise = make_denoiser(model, params, config, ta, empty_tokens(config, num), guidance,
+                            weights=weights, tokens_b=tb)
+    x0 = samplers.sample(denoise, schedule(config), x_T, jax.random.key(0),
+                         sampler=sampler or config.sample.sampler, steps=steps or config.sample.steps, eta=0.0)
+    decode_tokens = jnp.where(weights[:, None] < 0.5, ta, tb)
+    return decode(model, params, config, x0, decode_tokens)
+
+
+def preview(model, params, batch, rng, config):
+    """For the first `sample.num` test examples: the real image, then a sample from its caption."""
+    n = config.sample.num
+    images, tokens = batch["image"][:n], batch["tokens"][:n]
+    sampled = generate(model, params, config, tokens, rng, steps=config.sample.preview_steps)
+    return jnp.stack([images, sampled], axis=1).reshape((-1,) + images.shape[1:])
+
+
+FAMILY = Family(
+    name="diffusion",
+    variants=VARIANTS,
+    init=init,
+    objectives=objectives,
+    evaluate=evaluate,
+    best_metric=("x0_mse", "min"),
+    preview=preview,
+    abilities={"generate": generate, "img2img": img2img, "inpaint": inpaint, "edit": edit,
+               "interpolate_noise": interpolate_noise},
+    resolve=resolve,
+    validate=validate,
+    prepare=prepare,
+)

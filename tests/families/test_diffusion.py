@@ -1,0 +1,223 @@
+"""Diffusion family: objective, guidance, the sampling/editing abilities, latent mode."""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax import api, zoo
+from mmjax.config import ConfigError
+from mmjax.families import diffusion
+from mmjax.sampling import schedules as sched
+from tests.families.test_families import fit, one_batch
+from tests.helpers import REPO, tiny_config
+
+
+def psnr(a_uint8, b_uint8) -> float:
+    mse = np.mean((a_uint8.astype(np.float64) - b_uint8.astype(np.float64)) ** 2)
+    return 10 * np.log10(255.0 ** 2 / max(mse, 1e-10))
+
+
+def test_overfits_one_batch():
+    config = tiny_config("diffusion_shapes", "optim.lr=3e-3", "optim.warmup_steps=0",
+                         "optim.schedule=constant", "loss.weighting=uniform", "loss.p_uncond=0.0")
+    *_, history = fit(config, 80)
+    first = np.mean([h["mse"] for h in history[:10]])
+    last = np.mean([h["mse"] for h in history[-10:]])
+    assert last < 0.5 * first, (first, last)
+
+
+@pytest.mark.parametrize("prediction", sched.PREDICTIONS)
+def test_loss_is_finite_for_every_prediction(prediction):
+    config = tiny_config("diffusion_shapes", f"loss.prediction={prediction}")
+    *_, history = fit(config, 2)
+    assert np.isfinite(history[-1]["loss"]) and history[-1]["nonfinite"] == 0
+
+
+def test_run_traces_once_and_reports_eval(diffusion_run):
+    _, _, result = diffusion_run
+    assert result.trace_count == 1
+    assert {"eval/x0_mse", "eval/x0_mse_t10", "eval/x0_mse_t90"} <= set(result.eval_metrics)
+
+
+def _denoiser_parts(diffusion_run):
+    workdir, config, _ = diffusion_run
+    model = api.load(workdir)
+    batch = one_batch(config, size=4)
+    s = diffusion.schedule(config)
+    x = jax.random.normal(jax.random.key(1), batch["image"].shape)
+    t = jnp.full((4,), 50, jnp.int32)
+    return model, config, batch, s, x, t
+
+
+def test_guidance_one_is_conditional_and_zero_unconditional(diffusion_run):
+    model, config, batch, s, x, t = _denoiser_parts(diffusion_run)
+    m, params = model.module, model.params
+    empty = diffusion.empty_tokens(config, 4)
+
+    def single(tokens):  # the plain, unguided prediction for these captions
+        out = m.apply({"params": params["unet"]}, x, t, tokens)
+        x0, _ = sched.predict_x0_eps(config.loss.prediction, out, x, s, t)
+        return jnp.clip(x0, -1, 1)
+
+    for guidance, tokens in ((1.0, batch["tokens"]), (0.0, empty)):
+        denoise = diffusion.make_denoiser(m, params, config, batch["tokens"], empty, guidance)
+        np.testing.assert_allclose(denoise(x, t)[0], single(tokens), atol=1e-5)
+    # ... and guidance 3 is neither (the model does read the caption).
+    guided = diffusion.make_denoiser(m, params, config, batch["tokens"], empty, 3.0)(x, t)[0]
+    assert float(jnp.max(jnp.abs(guided - single(batch["tokens"])))) > 1e-4
+
+
+def test_generate_deterministic_and_compiled_once(diffusion_run):
+    workdir, config, _ = diffusion_run
+    model = api.load(workdir)
+    a = model.generate(["a red circle", "a blue square"], num=2, seed=3)
+    b = model.generate(["a red circle", "a blue square"], num=2, seed=3)
+    assert a.shape == (4, 16, 16, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    c = model.generate(["a green triangle", "a white circle"], num=2, seed=4, guidance=2.0)
+    assert not np.array_equal(a, c)
+    (fn,) = [f for k, f in model._compiled.items() if k[0] == "generate"]
+    assert fn._cache_size() == 1  # new prompts, seed and guidance did not recompile
+    for sampler in ("ddpm", "dpmpp_2m", "euler"):
+        out = model.generate(["a red circle"], num=2, seed=0, sampler=sampler, steps=5)
+        assert out.shape == (2, 16, 16, 3)
+    neg = model.generate(["a red circle", "a blue square"], num=2, seed=3, negative_prompt="a green shape")
+    assert not np.array_equal(a, neg)
+
+
+def test_inpaint_keeps_unmasked_pixels(diffusion_run):
+    workdir, config, _ = diffusion_run
+    model = api.load(workdir)
+    images = (np.asarray(one_batch(config, size=2)["image"]) * 127.5 + 127.5).round().astype(np.uint8)
+    mask = np.zeros((2, 16, 16), bool)
+    mask[:, 4:12, 4:12] = True
+    out = model.inpaint(images, mask, "a red circle", seed=0, steps=5, resample=2)
+    np.testing.assert_array_equal(out[~mask], images[~mask])
+    assert not np.array_equal(out[mask], images[mask])
+
+
+def test_img2img_and_inversion_round_trip(diffusion_run):
+    workdir, config, _ = diffusion_run
+    model = api.load(workdir)
+    batch = one_batch(config, size=4)
+    images = (np.asarray(batch["image"]) * 127.5 + 127.5).round().astype(np.uint8)
+    captions = [str(c) for c in model.tokenizer.decode(np.asarray(batch["tokens"]))]
+    near = model.img2img(images, captions, strength=0.02, seed=0)
+    assert psnr(near, images) > 30, psnr(near, images)
+    far = model.img2img(images, captions, strength=1.0, seed=0)
+    assert psnr(far, images) < psnr(near, images) - 5
+    # DDIM inversion under the caption, then DDIM sampling with the same caption, unguided,
+    # from 80% of the schedule (the edit default). Half the steps lose accuracy (first order).
+    back = model.edit(images, captions, captions, guidance=1.0, strength=0.8, steps=50)
+    assert psnr(back, images) > 35, psnr(back, images)
+    coarse = model.edit(images, captions, captions, guidance=1.0, strength=0.8, steps=10)
+    assert psnr(coarse, images) < psnr(back, images)
+
+
+def test_interpolate_ends_match_generate(diffusion_run):
+    workdir, _, _ = diffusion_run
+    model = api.load(workdir)
+    path = model.interpolate(prompt_a="a red circle", prompt_b="a blue square", seed_a=1, seed_b=2, num=3,
+                             sampler="ddim", steps=10)
+    assert path.shape == (3, 16, 16, 3)
+    ends = [model.generate(["a red circle"], seed=0, sampler="ddim", steps=10)]
+    assert ends[0].shape == (1, 16, 16, 3)
+    with pytest.raises(ValueError, match="prompts and seeds"):
+        model.interpolate(np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16, 3), np.uint8))
+
+
+def test_latent_run_freezes_the_vae_and_is_self_contained(ldm_run, vae_run, tmp_path):
+    workdir, config, result = ldm_run
+    assert result.trace_count == 1
+    vae = api.load(vae_run[0])
+    state = result.state
+    for got in (state.params["vae"], state.ema_params["vae"]):
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, vae.params)
+    std = np.asarray(state.params["latent"]["std"])
+    assert std.shape == (4,) and np.all(std > 0) and not np.allclose(std, 1.0)
+    # The checkpoint samples without the VAE's workdir.
+    copy = tmp_path / "ldm_copy"
+    shutil.copytree(workdir, copy)
+    model = api.load(str(copy))
+    out = model.generate(["a large red circle"], num=2, seed=0, steps=5)
+    assert out.shape == (2, 16, 16, 3)
+    images = model.inpaint(out, np.pad(np.ones((8, 8), bool), 4), "a blue square", steps=4, resample=1)
+    border = ~np.pad(np.ones((8, 8), bool), 4)
+    np.testing.assert_array_equal(images[:, border], out[:, border])
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="latent.vae_workdir"):
+        tiny_config("ldm_shapes", f"latent.vae_workdir={tmp_path / 'nope'}")
+    with pytest.raises(ConfigError, match="loss.prediction"):
+        tiny_config("diffusion_shapes", "loss.prediction=score")
+    with pytest.raises(ConfigError, match="sample.sampler"):
+        tiny_config("diffusion_shapes", "sample.sampler=heun")
+
+
+def test_ldm_refuses_a_non_vae_workdir(cnn_run):
+    with pytest.raises(ConfigError, match="not a VAE"):
+        tiny_config("ldm_shapes", f"latent.vae_workdir={cnn_run[0]}")
+
+
+def test_variants_are_registered():
+    assert set(zoo.FAMILIES["diffusion"].variants) >= {"tiny", "small", "latent_small", "ddpm32", "ldm64"}
+
+
+def test_export_round_trip_and_damage(diffusion_run, tmp_path):
+    workdir, _, _ = diffusion_run
+    out = str(tmp_path / "exported")
+    api.export(workdir, out)
+    a = api.load(workdir).generate(["a red circle"], num=2, seed=5, steps=5)
+    b = api.load(out).generate(["a red circle"], num=2, seed=5, steps=5)
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(FileExistsError):
+        api.export(workdir, out)
+    params = os.path.join(out, api.EXPORT_PARAMS)
+    data = bytearray(open(params, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(params, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match="damaged"):
+        api.load(out)
+
+
+def _sample_main(*argv):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sample_main", os.path.join(REPO, "sample.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(list(argv))
+
+
+def test_sample_py_diffusion_modes(diffusion_run, tmp_path, capsys):
+    from PIL import Image
+
+    workdir, _, _ = diffusion_run
+    image = tmp_path / "in.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.pad(np.full((8, 8, 3), 255, np.uint8), ((4, 4), (4, 4), (0, 0)))).save(mask)
+    common = ["--workdir", workdir, "--steps", "4"]
+    runs = {
+        "gen": ["--prompt", "a red circle", "--num", "2", "--sampler", "euler", "--guidance", "2",
+                "--negative-prompt", "a blue square"],
+        "i2i": ["--mode", "img2img", "--image", str(image), "--prompt", "a red circle", "--strength", "0.5"],
+        "inp": ["--mode", "inpaint", "--image", str(image), "--mask", str(mask), "--prompt", "a red circle"],
+        "edit": ["--mode", "edit", "--image", str(image), "--prompt", "a red circle",
+                 "--target-prompt", "a blue circle"],
+        "interp": ["--mode", "interpolate", "--prompt", "a red circle", "--prompt", "a blue square",
+                   "--num", "3", "--seed-b", "1"],
+    }
+    for name, args in runs.items():
+        out = tmp_path / f"{name}.png"
+        assert _sample_main(*common, *args, "--out", str(out)) == 0, (name, capsys.readouterr().err)
+        assert out.exists()
+    with pytest.raises(SystemExit):
+        _sample_main(*common, "--mode", "edit", "--image", str(image), "--prompt", "a red circle")
+    assert "--target-prompt" in capsys.readouterr().err
+
