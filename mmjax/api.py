@@ -239,7 +239,7 @@ def export(workdir: str, out_dir: str, step: int | None = None, dtype: str | Non
         f.write(model.config.to_json(indent=2))
     with open(os.path.join(tmp, EXPORT_PARAMS), "wb") as f:
         f.write(data)
-    manifest = {"step": model.step, "source": os.path.abspath(workdir), "stored_dtype": dtype or "float32",
+    manifest = {"step": model.step, "source": workdir, "stored_dtype": dtype or "float32",
                 "bytes": len(data),
                 "sha256": hashlib.sha256(data).hexdigest()}
     with open(os.path.join(tmp, EXPORT_MANIFEST), "w", encoding="utf-8") as f:

@@ -39,6 +39,7 @@ log = logging.getLogger("mmjax.diffusion")
 
 VARIANTS = {
     "tiny": UNetTiny,
+    "tiny_uncond": functools.partial(UNetTiny, text=None, cross_attn_levels=()),
     "small": UNetSmall,
     "latent_small": UNetLatentSmall,
     "ddpm32": DDPM32,

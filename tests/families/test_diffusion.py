@@ -37,6 +37,14 @@ def test_loss_is_finite_for_every_prediction(prediction):
     assert np.isfinite(history[-1]["loss"]) and history[-1]["nonfinite"] == 0
 
 
+def test_unconditional_model_trains_and_samples():
+    config = tiny_config("diffusion_shapes", "variant=tiny_uncond")
+    _, model, state, batch, history = fit(config, 2)
+    assert all(np.isfinite(h["loss"]) for h in history)
+    out = diffusion.generate(model, state.ema_params, config, batch["tokens"][:2], jax.random.key(0), steps=3)
+    assert out.shape == (2, 16, 16, 3) and bool(jnp.all(jnp.isfinite(out)))
+
+
 def test_run_traces_once_and_reports_eval(diffusion_run):
     _, _, result = diffusion_run
     assert result.trace_count == 1
