@@ -229,3 +229,13 @@ def test_sample_py_diffusion_modes(diffusion_run, tmp_path, capsys):
         _sample_main(*common, "--mode", "edit", "--image", str(image), "--prompt", "a red circle")
     assert "--target-prompt" in capsys.readouterr().err
 
+
+
+def test_pretrained_model_is_shipped_and_samples(tmp_path):
+    out = tmp_path / "grid.png"
+    assert _sample_main("--prompt", "a large purple triangle at the bottom", "--num", "2", "--steps", "10",
+                        "--out", str(out)) == 0
+    assert out.exists()
+    size = sum(os.path.getsize(os.path.join(REPO, "pretrained", "ldm_shapes", f))
+               for f in os.listdir(os.path.join(REPO, "pretrained", "ldm_shapes")))
+    assert size <= 25e6
