@@ -31,7 +31,7 @@ import numpy as np
 
 from mmjax.data.tokenizer import ByteTokenizer
 from mmjax.families.family import Family, Objective
-from mmjax.models.unet import DDPM32, LDM64, DDPM32Text, UNetLatentSmall, UNetSmall, UNetTiny
+from mmjax.models.unet import DDPM32, LDM64, DDPM32Text, UNet, UNetLatentSmall, UNetSmall, UNetTiny
 from mmjax.sampling import samplers
 from mmjax.sampling import schedules as sched
 
@@ -277,8 +277,6 @@ def evaluate(model, params, batch, config):
 # ---------------------------------------------------------------------------------------------
 
 def _text(model, params, tokens):
-    from mmjax.models.unet import UNet
-
     return model.apply({"params": params["unet"]}, tokens, method=UNet.encode_text)
 
 
@@ -291,8 +289,6 @@ def make_denoiser(model, params, config, tokens, uncond_tokens, guidance, weight
     `(1 - w) * out(a) + w * out(b)`: interpolation between two prompts. In pixel space the
     x0 estimate is clipped to [-1, 1].
     """
-    from mmjax.models.unet import UNet
-
     s = schedule(config)
     pixel = vae_module(config) is None
     unet = {"params": params["unet"]}

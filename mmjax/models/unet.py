@@ -40,34 +40,6 @@ from mmjax.models.layers import (
 from mmjax.models.text import TextEncoder, TextEncoderTiny
 
 
-class AdditiveResBlock(nn.Module):
-    """DDPM's residual block: the embedding is a per-channel bias added after the first conv.
-
-    layers.ResBlock's scale-and-shift (ADM) needs twice the embedding parameters; this form is
-    what the 35.7M-parameter DDPM CIFAR-10 network used.
-    """
-
-    features: int
-    groups: int = 32
-    dropout: float = 0.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, cond: jax.Array, train: bool = False) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.Conv(self.features, (3, 3), name="conv1", **kw)(
-            nn.silu(GroupNorm32(self.groups, name="norm1", **kw)(x))
-        )
-        bias = nn.Dense(self.features, name="cond_proj", **kw)(nn.silu(cond.astype(self.dtype)))
-        h = nn.silu(GroupNorm32(self.groups, name="norm2", **kw)(h + bias[:, None, None, :]))
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = nn.Conv(self.features, (3, 3), name="conv2", **kw)(h)
-        if x.shape[-1] != self.features:
-            x = nn.Conv(self.features, (1, 1), name="skip", **kw)(x)
-        return x.astype(self.dtype) + h
-
-
 class AttentionBlock(nn.Module):
     """Residual `x + Attention(GroupNorm(x), context)`: self-attention when `context` is None."""
 
@@ -104,7 +76,7 @@ class UNet(nn.Module):
     head_dim: int | None = None  # None: width // num_heads at every level
     dropout: float = 0.0
     norm_groups: int = 32
-    # True: ADM's scale-and-shift FiLM (layers.ResBlock); False: DDPM's additive bias.
+    # True: ADM's scale-and-shift FiLM; False: DDPM's additive bias (layers.ResBlock cond_mode).
     scale_shift_norm: bool = True
     text: Callable[..., TextEncoder] | None = None  # TextEncoder constructor; None = unconditional
     implementation: str | None = None  # every Attention's, the TextEncoder's included
@@ -177,8 +149,8 @@ class UNet(nn.Module):
             emb = emb + nn.Dense(emb_dim, name="text_embed", **kw)(pooled)
 
         def res(features, name):
-            block = ResBlock if self.scale_shift_norm else AdditiveResBlock
-            return block(features, self.norm_groups, self.dropout, name=name, **kw)
+            return ResBlock(features, self.norm_groups, self.dropout,
+                            cond_mode="film" if self.scale_shift_norm else "bias", name=name, **kw)
 
         def attend(h, name, self_attn, cross_attn):
             block = lambda suffix: AttentionBlock(  # noqa: E731
