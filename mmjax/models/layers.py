@@ -133,14 +133,63 @@ class Upsample(nn.Module):
         return nn.Conv(self.features, (3, 3), dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
 
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def _cudnn_attention(q, k, v, mask):
+    """cuDNN flash attention. Its fused kernel takes a key mask only as a full `[B, 1, T, S]`
+    additive bias with even T and S in training, so the keys are padded (masked) to an even
+    count and the mask is broadcast."""
+    batch, length, keys = q.shape[0], q.shape[1], k.shape[1]
+    if mask is not None or keys % 2:
+        if mask is None:
+            mask = jnp.ones((batch, 1, 1, keys), bool)
+        pad = keys % 2
+        if pad:
+            k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+            v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+            mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, pad)))
+        mask = jnp.broadcast_to(mask, (mask.shape[0], mask.shape[1], length, keys + pad))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+
+
+def attention(q, k, v, mask=None, implementation: str | None = None) -> jax.Array:
+    """`softmax(q k^T / sqrt(d)) v` over `[B, T, heads, d]` queries and `[B, S, heads, d]` keys.
+
+    `mask`: `[B, S]` key mask (True = attend) or anything broadcastable to `[B, heads, T, S]`.
+    A query with every key masked (an all-padding caption) attends to all keys instead of
+    producing a backend-dependent NaN; callers ignore such rows anyway.
+
+    `implementation=None` runs cuDNN's flash attention where it is eligible (an NVIDIA GPU,
+    bfloat16/float16, a head dim the kernel takes: JAX checks while tracing) and XLA's
+    attention otherwise; 'xla' or 'cudnn' force one. Whichever ran is visible in the compiled
+    HLO as a `__cudnn$fmha` custom call (`mmjax.bench` counts them).
+    """
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        if mask.ndim == 2:
+            mask = mask[:, None, None, :]
+        mask = mask | ~jnp.any(mask, axis=-1, keepdims=True)
+    if implementation not in (None, "xla", "cudnn"):
+        raise ValueError(f"attention implementation must be None, 'xla' or 'cudnn', got {implementation!r}")
+    if implementation == "cudnn":
+        return _cudnn_attention(q, k, v, mask)
+    if implementation is None and jax.default_backend() == "gpu" and q.dtype in CUDNN_DTYPES:
+        try:
+            return _cudnn_attention(q, k, v, mask)
+        except (NotImplementedError, ValueError, RuntimeError, TypeError):
+            pass  # not eligible here (head dim, cuDNN version, ROCm ...): XLA's attention
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
 class Attention(nn.Module):
     """Multi-head attention: self-attention when `context` is None, cross-attention otherwise.
 
     `x` is `[B, ..., D]`; the middle axes (e.g. H, W of a feature map) are flattened into one
     sequence and restored afterwards. `mask` is a `[B, M]` boolean key mask (True = attend) or
     anything `jax.nn.dot_product_attention` accepts (broadcastable to `[B, heads, N, M]`).
-    `implementation` goes straight to that function: None/'xla' everywhere, 'cudnn' for flash
-    attention on NVIDIA GPUs.
+    `implementation`: None picks the fastest eligible kernel (see `attention`), 'xla' or
+    'cudnn' force one.
     """
 
     num_heads: int
@@ -162,14 +211,7 @@ class Attention(nn.Module):
             (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
         q, k, v = proj("query")(x), proj("key")(context), proj("value")(context)
-        if mask is not None:
-            mask = jnp.asarray(mask, bool)
-            if mask.ndim == 2:
-                mask = mask[:, None, None, :]
-            # A query with every key masked (an all-padding caption) gets a uniform average of
-            # the keys instead of a backend-dependent NaN; callers ignore such rows anyway.
-            mask = mask | ~jnp.any(mask, axis=-1, keepdims=True)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+        out = attention(q, k, v, mask, self.implementation)
         out = nn.DenseGeneral(
             self.out_features or shape[-1],
             axis=(-2, -1),

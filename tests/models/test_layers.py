@@ -147,3 +147,53 @@ def test_sinusoidal_embedding():
     assert emb.shape == (3, 9) and emb.dtype == jnp.float32
     np.testing.assert_allclose(emb[0, :4], 1.0)  # cos(0)
     assert not np.allclose(emb[1], emb[2])
+
+
+def _attention_inputs(keys_len, masked_from=None):
+    kq, kk, kv = jax.random.split(jax.random.key(7), 3)
+    q = jax.random.normal(kq, (2, 6, 2, 8))
+    k = jax.random.normal(kk, (2, keys_len, 2, 8))
+    v = jax.random.normal(kv, (2, keys_len, 2, 8))
+    mask = None
+    if masked_from is not None:
+        mask = jnp.arange(keys_len)[None, :] < jnp.asarray(masked_from)[:, None]
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("keys_len,masked_from", [(7, None), (7, [3, 0]), (8, [5, 8])])
+def test_cudnn_attention_padding_and_mask_broadcast_compute_the_same_function(monkeypatch, keys_len, masked_from):
+    # cuDNN takes a key mask only as a [B, 1, T, S] bias with even S: `_cudnn_attention` pads
+    # the keys (masked) and broadcasts the mask. Run that rewrite through XLA's kernel here
+    # (no GPU on CI) and check it changes nothing, the all-masked row included.
+    from mmjax.models import layers
+
+    q, k, v, mask = _attention_inputs(keys_len, masked_from)
+    expected = layers.attention(q, k, v, mask, "xla")
+    seen = {}
+    real = jax.nn.dot_product_attention
+
+    def through_xla(q, k, v, mask=None, implementation=None):
+        seen["keys"], seen["mask"] = k.shape[1], None if mask is None else mask.shape
+        return real(q, k, v, mask=mask, implementation="xla")
+
+    monkeypatch.setattr(layers.jax.nn, "dot_product_attention", through_xla)
+    out = layers.attention(q, k, v, mask, "cudnn")
+    assert seen["keys"] % 2 == 0
+    if mask is not None or keys_len % 2:
+        assert seen["mask"] == (2, 1, 6, seen["keys"])
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-5)
+    if masked_from is not None and 0 in masked_from:
+        row = masked_from.index(0)  # every key masked: attends to all real keys, never the pad
+        unmasked = real(q, k, v, implementation="xla")
+        np.testing.assert_allclose(np.asarray(out[row]), np.asarray(unmasked[row]), atol=1e-5)
+
+
+def test_attention_auto_runs_xla_off_gpu_and_rejects_unknown_implementations():
+    q, k, v, mask = _attention_inputs(5, [2, 5])
+    auto = jax.jit(lambda q, k, v, m: __import__("mmjax.models.layers", fromlist=["x"]).attention(q, k, v, m))
+    assert "cudnn" not in auto.lower(q, k, v, mask).as_text()
+    from mmjax.models.layers import attention
+
+    np.testing.assert_allclose(np.asarray(attention(q, k, v, mask)), np.asarray(attention(q, k, v, mask, "xla")))
+    with pytest.raises(ValueError, match="implementation"):
+        attention(q, k, v, mask, "flash")
