@@ -21,6 +21,19 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
+def keep_if(ok: jax.Array, new, old):
+    """`new` where `ok`, else `old`, for whole pytrees.
+
+    On CPU a `lax.cond`: XLA:CPU compile time exploded (minutes) on a UNet when every leaf's
+    select hung off the one predicate. Elsewhere a select per leaf, which fuses into the
+    optimizer's elementwise kernels: XLA:GPU runs a `cond` by copying its predicate to the
+    host, a device-to-host sync in every step.
+    """
+    if jax.default_backend() == "cpu":
+        return jax.lax.cond(ok, lambda a, b: a, lambda a, b: b, new, old)
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
 def _split_microbatches(batch, grad_accum: int):
     return jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
 
@@ -77,12 +90,8 @@ def make_train_step(objectives: tuple[Objective, ...], optimizers: dict[str, opt
             new_own = optax.apply_updates(own, updates)
             # A non-finite loss, gradient or update must never reach the parameters: keep the
             # old ones, and let the host decide (from `nonfinite`) whether to halt.
-            # A `cond`, not a `where` per leaf: XLA:CPU compile time exploded (minutes) on a
-            # UNet when every leaf's select hung off the one all-finite predicate.
             ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_own)
-            new_own, new_opt = jax.lax.cond(
-                ok, lambda a, b: a, lambda a, b: b,
-                (new_own, new_opt), (own, opt_states[objective.name]))
+            new_own, new_opt = keep_if(ok, (new_own, new_opt), (own, opt_states[objective.name]))
             params = new_own if objective.params_key is None else {**params, objective.params_key: new_own}
             opt_states[objective.name] = new_opt
             all_ok &= ok
@@ -93,15 +102,15 @@ def make_train_step(objectives: tuple[Objective, ...], optimizers: dict[str, opt
             metrics.update({f"{prefix}{k}": v for k, v in aux.items()})
 
         # EMA with a short warm-up so early samples are not dominated by the random init.
-        # A skipped step leaves the EMA alone (a `cond` again, for compile time).
+        # A skipped step leaves the EMA alone.
         decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
         # Only what an objective trains has an average; frozen entries (a latent model's
         # VAE) are carried over bit for bit.
         trained = _trained_keys(objectives, params)
         pick = (lambda tree: tree) if trained is None else (lambda tree: {k: tree[k] for k in trained})  # noqa: E731
-        ema = jax.lax.cond(
-            all_ok, lambda e, p: jax.tree.map(lambda a, b: decay * a + (1.0 - decay) * b, e, p),
-            lambda e, p: e, pick(state.ema_params), pick(params))
+        old_ema = pick(state.ema_params)
+        ema = keep_if(all_ok, jax.tree.map(lambda a, b: decay * a + (1.0 - decay) * b, old_ema, pick(params)),
+                      old_ema)
         if trained is not None:
             ema = {**state.ema_params, **ema}
         metrics["nonfinite"] = jnp.where(all_ok, 0, 1).astype(jnp.int32)
