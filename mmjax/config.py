@@ -164,6 +164,9 @@ def validate(config: ConfigDict) -> None:
             f"config key 'data.name': unknown dataset {config.data.name!r}; "
             f"known: {sorted(pipeline.SOURCES)}"
         )
+    if config.data.name == "shapes" and config.data.channels != 3:
+        raise ConfigError(f"config key 'data.channels' is {config.data.channels}, but the shapes "
+                          "dataset's images are RGB (3 channels)")
     positive = {
         "train.batch_size": config.train.batch_size,
         "train.num_steps": config.train.num_steps,
@@ -208,6 +211,7 @@ def base_config() -> ConfigDict:
     c.data = ConfigDict()
     c.data.name = "shapes"
     c.data.image_size = 32
+    c.data.channels = 3  # image channels (the shapes data are RGB)
     c.data.seed = 0
     c.data.num_train = None
     c.data.num_test = None

@@ -63,3 +63,15 @@ def test_train_py_typo_exits_fast_without_creating_workdir(tmp_path, override):
     assert proc.returncode == 2
     assert override.split("=")[0].removeprefix("--config.") in proc.stderr
     assert not workdir.exists()
+
+
+def test_shapes_images_are_rgb():
+    with pytest.raises(config_lib.ConfigError, match="data.channels"):
+        load("data.channels=4", spec="configs/diffusion_shapes.py:tiny")
+
+
+def test_pixel_diffusion_variant_must_predict_the_image_channels():
+    # ldm64 predicts 4-channel latents: on RGB pixels it would fail deep inside the first
+    # step; the config check names the problem and the fix instead.
+    with pytest.raises(config_lib.ConfigError, match="predicts 4-channel.*latent.vae_workdir"):
+        load("variant=ldm64", spec="configs/diffusion_shapes.py:tiny")

@@ -110,6 +110,15 @@ def validate(config) -> None:
     if config.sample.sampler not in samplers.SAMPLERS:
         raise ValueError(f"config key 'sample.sampler' must be one of {samplers.SAMPLERS}, "
                          f"got {config.sample.sampler!r}")
+    if not config.latent.vae_config:
+        kwargs = {**getattr(VARIANTS[config.variant], "keywords", {}), **config.model}
+        predicts = kwargs.get("out_channels", UNet.out_channels)
+        channels = config.data.get("channels", 3)
+        if predicts != channels:
+            raise ValueError(
+                f"variant {config.variant!r} predicts {predicts}-channel inputs but the images have "
+                f"{channels} (config key 'data.channels'); a latent variant trains on a VAE's "
+                "latents: set 'latent.vae_workdir'")
     if config.latent.vae_config:
         vae_cfg = json.loads(config.latent.vae_config)
         for key in ("image_size", "max_len"):
@@ -146,7 +155,7 @@ def x0_shape(config) -> tuple[int, int, int]:
     size = config.data.image_size
     vae = vae_module(config)
     if vae is None:
-        return (size, size, 3)
+        return (size, size, config.data.get("channels", 3))
     side = size // (2 ** (len(vae.widths) - 1))
     return (side, side, vae.latent_channels)
 
