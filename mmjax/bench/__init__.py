@@ -1,0 +1,1 @@
+"""Benchmark harness: `python -m mmjax.bench` (see __main__.py)."""
