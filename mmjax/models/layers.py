@@ -136,21 +136,25 @@ class Upsample(nn.Module):
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
+def _pad_axis1(x, pad):
+    return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+
+
 def _cudnn_attention(q, k, v, mask):
     """cuDNN flash attention. Its fused kernel takes a key mask only as a full `[B, 1, T, S]`
-    additive bias with even T and S in training, so the keys are padded (masked) to an even
-    count and the mask is broadcast."""
+    additive bias, with even T and S in training: odd queries are padded (and the extra row
+    dropped), odd keys padded and masked out, and the mask broadcast."""
     batch, length, keys = q.shape[0], q.shape[1], k.shape[1]
-    if mask is not None or keys % 2:
+    q_pad, k_pad = length % 2, keys % 2
+    if mask is not None or q_pad or k_pad:
         if mask is None:
             mask = jnp.ones((batch, 1, 1, keys), bool)
-        pad = keys % 2
-        if pad:
-            k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
-            v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
-            mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, pad)))
-        mask = jnp.broadcast_to(mask, (mask.shape[0], mask.shape[1], length, keys + pad))
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+        q, k, v = _pad_axis1(q, q_pad), _pad_axis1(k, k_pad), _pad_axis1(v, k_pad)
+        mask = jnp.broadcast_to(mask, mask.shape[:2] + (length, keys))
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, q_pad), (0, k_pad)))
+        mask = mask | ~jnp.any(mask, axis=-1, keepdims=True)  # the padded query row attends too
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    return out[:, :length]
 
 
 def attention(q, k, v, mask=None, implementation: str | None = None) -> jax.Array:

@@ -149,9 +149,9 @@ def test_sinusoidal_embedding():
     assert not np.allclose(emb[1], emb[2])
 
 
-def _attention_inputs(keys_len, masked_from=None):
+def _attention_inputs(keys_len, masked_from=None, queries=6):
     kq, kk, kv = jax.random.split(jax.random.key(7), 3)
-    q = jax.random.normal(kq, (2, 6, 2, 8))
+    q = jax.random.normal(kq, (2, queries, 2, 8))
     k = jax.random.normal(kk, (2, keys_len, 2, 8))
     v = jax.random.normal(kv, (2, keys_len, 2, 8))
     mask = None
@@ -160,14 +160,16 @@ def _attention_inputs(keys_len, masked_from=None):
     return q, k, v, mask
 
 
-@pytest.mark.parametrize("keys_len,masked_from", [(7, None), (7, [3, 0]), (8, [5, 8])])
-def test_cudnn_attention_padding_and_mask_broadcast_compute_the_same_function(monkeypatch, keys_len, masked_from):
-    # cuDNN takes a key mask only as a [B, 1, T, S] bias with even S: `_cudnn_attention` pads
-    # the keys (masked) and broadcasts the mask. Run that rewrite through XLA's kernel here
-    # (no GPU on CI) and check it changes nothing, the all-masked row included.
+@pytest.mark.parametrize("keys_len,masked_from,queries",
+                         [(7, None, 6), (7, [3, 0], 6), (8, [5, 8], 6), (7, [3, 7], 7), (8, None, 5)])
+def test_cudnn_attention_padding_and_mask_broadcast_compute_the_same_function(monkeypatch, keys_len, masked_from,
+                                                                               queries):
+    # cuDNN takes a key mask only as a [B, 1, T, S] bias with even T and S: `_cudnn_attention`
+    # pads queries and keys (masked) and broadcasts the mask. Run that rewrite through XLA's
+    # kernel here (no GPU on CI) and check it changes nothing, the all-masked row included.
     from mmjax.models import layers
 
-    q, k, v, mask = _attention_inputs(keys_len, masked_from)
+    q, k, v, mask = _attention_inputs(keys_len, masked_from, queries)
     expected = layers.attention(q, k, v, mask, "xla")
     seen = {}
     real = jax.nn.dot_product_attention
@@ -178,9 +180,9 @@ def test_cudnn_attention_padding_and_mask_broadcast_compute_the_same_function(mo
 
     monkeypatch.setattr(layers.jax.nn, "dot_product_attention", through_xla)
     out = layers.attention(q, k, v, mask, "cudnn")
-    assert seen["keys"] % 2 == 0
-    if mask is not None or keys_len % 2:
-        assert seen["mask"] == (2, 1, 6, seen["keys"])
+    assert seen["keys"] % 2 == 0 and out.shape == q.shape
+    if mask is not None or keys_len % 2 or queries % 2:
+        assert seen["mask"] == (2, 1, queries + queries % 2, seen["keys"])
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-5)
     if masked_from is not None and 0 in masked_from:
         row = masked_from.index(0)  # every key masked: attends to all real keys, never the pad
