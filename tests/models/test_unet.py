@@ -114,6 +114,11 @@ def test_parameter_counts():
     unet = count(ldm) - count(ldm["text_encoder"])
     assert abs(unet - 160e6) < 0.1 * 160e6, unet  # measured 146,711,620 (+13.0M text)
     assert set(VARIANTS) >= {"UNetTiny", "UNetSmall", "UNetLatentSmall", "DDPM32", "LDM64"}
+    # Heads of 64 channels: 3 at width 192, 12 in the 768-wide middle; the same parameters.
+    assert ldm["down0_block0_attn"]["attn"]["query"]["kernel"].shape == (192, 3, 64)
+    assert ldm["mid_attn"]["attn"]["query"]["kernel"].shape == (768, 12, 64)
+    eight_heads = params(lambda: LDM64(channels_per_head=None, num_heads=8), 64, 4)
+    assert count(eight_heads) == count(ldm)
 
 
 def test_bad_inputs_raise():
