@@ -195,6 +195,46 @@ class LoadedModel:
         _, features = self._ability("classify")(self.params, self._images(images))
         return np.asarray(features)
 
+    # CLIP -------------------------------------------------------------------------------------
+
+    def embed_images(self, images, batch_size: int = 256) -> np.ndarray:
+        """Unit-norm image embeddings `[N, D]` float32."""
+        images = self._images(images)
+        fn = self._ability("embed_images")
+        return np.concatenate([np.asarray(fn(self.params, images[i:i + batch_size]))
+                               for i in range(0, len(images), batch_size)])
+
+    def embed_texts(self, prompts: Sequence[str] | str, batch_size: int = 256) -> np.ndarray:
+        """Unit-norm caption embeddings `[N, D]` float32."""
+        tokens = self._tokens(prompts)
+        fn = self._ability("embed_texts")
+        return np.concatenate([np.asarray(fn(self.params, tokens[i:i + batch_size]))
+                               for i in range(0, len(tokens), batch_size)])
+
+    def similarity(self, images, prompts: Sequence[str] | str) -> np.ndarray:
+        """Cosine similarity `[num_images, num_prompts]`."""
+        return self.embed_images(images) @ self.embed_texts(prompts).T
+
+    def zero_shot(self, images, classes: dict[str, Sequence[str]] | str) -> list[str]:
+        """The best-matching class per image. `classes` maps each class name to its prompts
+        (their mean embedding stands for the class), or names a `shapes` attribute ('color',
+        'shape', 'size', 'position') whose prompt ensembles are built in."""
+        if "zero_shot" not in self.family.abilities:
+            raise NotImplementedError(f"the {self.config.family!r} family cannot zero_shot; it can: {self.abilities}")
+        if isinstance(classes, str):
+            from mmjax.data import shapes
+
+            classes = dict(zip(shapes.ATTRIBUTES[classes], shapes.attribute_prompts(classes)))
+        if not classes or any(isinstance(p, str) or not p for p in classes.values()):
+            raise ValueError("classes must map each class name to a non-empty list of prompts")
+        names = list(classes)
+        prompt_emb = self.embed_texts([p for name in names for p in classes[name]])
+        counts = np.array([len(classes[name]) for name in names])
+        means = np.add.reduceat(prompt_emb, np.concatenate([[0], np.cumsum(counts)[:-1]]))
+        means /= np.linalg.norm(means, axis=-1, keepdims=True)
+        scores = self.embed_images(images) @ means.T
+        return [names[i] for i in np.argmax(scores, axis=1)]
+
 
 def grid(images, ncols: int | None = None, captions=None):
     """uint8 images -> one PIL image (captions under each cell when given)."""

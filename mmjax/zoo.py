@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from mmjax.families import cnn, diffusion, vae
+from mmjax.families import clip, cnn, diffusion, vae
 from mmjax.families.family import Family
 
 FAMILIES: dict[str, Family] = {
     "cnn": cnn.FAMILY,
     "vae": vae.FAMILY,
     "diffusion": diffusion.FAMILY,
+    "clip": clip.FAMILY,
 }
 
 

@@ -11,7 +11,7 @@ be tested on combinations of attributes it only ever saw separately.
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -359,3 +359,44 @@ class ShapesSource:
             f"ShapesSource(split={self.split!r}, image_size={self.image_size}, "
             f"seed={self.seed}, num_records={self.num_records})"
         )
+
+
+# ----------------------------------------------------------------------------- prompt tables
+
+def label_index(labels: Mapping[str, Any]):
+    """One integer per example for its (shape, color, size, position) tuple, in the order of
+    `full_captions()`; works on numpy and jax arrays alike."""
+    index = labels["shape"]
+    for attribute in ("color", "size", "position"):
+        index = index * len(ATTRIBUTES[attribute]) + labels[attribute]
+    return index
+
+
+def full_captions() -> list[str]:
+    """The caption naming all four attributes (first template) of every label tuple, indexed
+    by `label_index`."""
+    return [caption_for({"shape": s, "color": c, "size": z, "position": p},
+                        include_size=True, include_position=True, template=0)
+            for s in SHAPES for c in COLOR_NAMES for z in SIZES for p in POSITIONS]
+
+
+def attribute_prompts(attribute: str) -> list[list[str]]:
+    """Zero-shot prompts for one attribute: per class, the captions that name that value with
+    every value of the attributes a caption must name (color, shape), e.g. for `color` red:
+    "a red circle", "a red square", "a red triangle". A model classifies by the mean of a
+    class's prompt embeddings (prompt ensembling)."""
+    if attribute not in ATTRIBUTES:
+        raise ValueError(f"unknown attribute {attribute!r}; expected one of {tuple(ATTRIBUTES)}")
+    prompts = []
+    for value in ATTRIBUTES[attribute]:
+        per_class = []
+        for shape in SHAPES:
+            for color in COLOR_NAMES:
+                labels = {"shape": shape, "color": color, "size": "small", "position": "center"}
+                if attribute in ("shape", "color") and labels[attribute] != value:
+                    continue
+                labels[attribute] = value
+                per_class.append(caption_for(labels, include_size=attribute == "size",
+                                             include_position=attribute == "position", template=0))
+        prompts.append(per_class)
+    return prompts

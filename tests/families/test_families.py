@@ -42,6 +42,7 @@ def fit(config, steps):
 @pytest.mark.parametrize("name, overrides, steps, metric, factor", [
     ("cnn_shapes", ["optim.lr=3e-3"], 60, "loss", 0.1),
     ("vae_shapes", ["optim.lr=3e-3", "loss.beta=0.0"], 60, "mse", 0.3),
+    ("clip_shapes", ["optim.lr=3e-3", "loss.multi_positive=False"], 60, "loss", 0.3),
 ])
 def test_overfits_one_batch(name, overrides, steps, metric, factor):
     config = tiny_config(name, "optim.warmup_steps=0", "optim.schedule=constant", *overrides)
@@ -57,7 +58,7 @@ def test_cnn_learns_every_head_on_one_batch():
         assert history[-1][f"accuracy_{head}"] == 1.0, head
 
 
-@pytest.mark.parametrize("name", ["cnn_shapes", "vae_shapes"])
+@pytest.mark.parametrize("name", ["cnn_shapes", "vae_shapes", "clip_shapes"])
 def test_bfloat16_compute_keeps_float32_params(name):
     config = tiny_config(name, "dtype=bfloat16")
     _, model, state, _, history = fit(config, 2)
