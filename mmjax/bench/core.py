@@ -178,7 +178,8 @@ def hlo_facts(hlo_text: str) -> dict:
     return {
         "cudnn_attention": len(re.findall(r'custom_call_target="__cudnn\$fmha', hlo_text)),
         "cudnn_conv": len(re.findall(r'custom_call_target="__cudnn\$conv', hlo_text)),
-        "gemm_calls": len(re.findall(r'custom_call_target="__cublas\$(?:lt\$)?gemm', hlo_text)),
+        "cublas_gemm": len(re.findall(r'custom_call_target="__cublas\$(?:lt\$matmul|gemm)', hlo_text)),
+        "triton_gemm": len(re.findall(r'__triton_gemm', hlo_text)),
         "fusions": len(re.findall(r"\bfusion\(", hlo_text)),
         "transposes": len(re.findall(r"\btranspose\(", hlo_text)),
         "conditionals": len(re.findall(r"\bconditional\(", hlo_text)),
