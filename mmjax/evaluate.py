@@ -5,7 +5,10 @@
 - classify: attribute accuracy against the true labels (this is how the judge is checked);
 - reconstruct: PSNR of reconstructions of real test images;
 - generate: images from the test captions, judged per attribute the caption names, also on
-  the (color, shape) combinations held out of training.
+  the (color, shape) combinations held out of training; FD-judge, KID-judge and k-NN
+  precision/recall in the judge's features; with `--clip runs/clip`, the CLIP score;
+- CLIP models: zero-shot accuracy per attribute (also on the unseen combinations) and
+  retrieval recall@1/@5 among `--gallery` test images with full captions.
 Prints a table and writes `eval.json` into the workdir (atomically).
 """
 
@@ -19,9 +22,10 @@ import time
 
 import numpy as np
 
+from mmjax.data import shapes
 from mmjax.data.shapes import COLOR_NAMES, ShapesSource, parse_caption
-from mmjax.eval.attributes import ATTRIBUTES, attribute_accuracy
-from mmjax.eval.frechet import frechet_distance
+from mmjax.eval import (ATTRIBUTES, attribute_accuracy, clip_score, frechet_distance, kernel_distance,
+                        precision_recall, ssim)
 
 
 def test_split(image_size: int, num: int, seed: int = 0) -> dict:
@@ -41,8 +45,38 @@ def _named_labels(captions: list[str]) -> dict[str, np.ndarray]:
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    mse = np.mean(np.square(a.astype(np.float64) / 255 - b.astype(np.float64) / 255), axis=(1, 2, 3))
-    return 10 * np.log10(1.0 / np.maximum(mse, 1e-10))
+    from mmjax.eval import psnr
+
+    return psnr(a, b)
+
+
+def evaluate_clip(model, data: dict, gallery: int = 256) -> dict:
+    """Zero-shot accuracy per attribute, and retrieval among the first `gallery` test images
+    with their full captions (a hit: the retrieved item has the query's four attributes)."""
+    out: dict = {"zero_shot": {}, "zero_shot_unseen": {}}
+    for attribute in ATTRIBUTES:
+        names = shapes.ATTRIBUTES[attribute]
+        predicted = np.array([names.index(n) for n in model.zero_shot(data["image"], attribute)])
+        correct = predicted == data[attribute]
+        out["zero_shot"][attribute] = float(correct.mean())
+        out["zero_shot_unseen"][attribute] = float(correct[data["unseen"]].mean()) if data["unseen"].any() else None
+    gallery = min(gallery, len(data["image"]))
+    labels = {a: data[a][:gallery] for a in ATTRIBUTES}
+    index = shapes.label_index(labels)
+    captions = [shapes.full_captions()[i] for i in index]
+    sim = model.embed_texts(captions) @ model.embed_images(data["image"][:gallery]).T
+    match = index[:, None] == index[None, :]
+    unseen = data["unseen"][:gallery]
+    for name, scores in (("t2i", sim), ("i2t", sim.T)):
+        top = np.argsort(-scores, axis=1)[:, :5]
+        hits = np.take_along_axis(match, top, axis=1)
+        for k in (1, 5):
+            hit = hits[:, :k].any(axis=1)
+            out[f"{name}_recall@{k}"] = float(hit.mean())
+            out[f"{name}_recall@{k}_unseen"] = float(hit[unseen].mean()) if unseen.any() else None
+    out["gallery"] = gallery
+    out["gallery_unseen"] = int(unseen.sum())
+    return out
 
 
 def _judge_features(judge, images: np.ndarray, batch_size: int = 250) -> np.ndarray:
@@ -93,9 +127,10 @@ def evaluate_inpaint(model, judge, data: dict, num: int, seed: int = 0) -> dict:
             **attribute_accuracy(painted, labels, judge)}, painted
 
 
-def evaluate(model, *, judge=None, num: int = 1000, batch_size: int = 250, seed: int = 0,
-             generate_options: dict | None = None, edits: int = 0) -> dict:
-    """`edits` > 0 also scores that many prompt edits and inpaintings (diffusion)."""
+def evaluate(model, *, judge=None, clip=None, num: int = 1000, batch_size: int = 250, seed: int = 0,
+             generate_options: dict | None = None, edits: int = 0, gallery: int = 256) -> dict:
+    """`edits` > 0 also scores that many prompt edits and inpaintings (diffusion); `clip` (a
+    loaded CLIP model) adds the CLIP score of generated images."""
     data = test_split(model.image_size, num)
     results: dict = {"num": num, "step": model.step, "family": model.config.family}
     generate_options = generate_options or {}
@@ -108,6 +143,9 @@ def evaluate(model, *, judge=None, num: int = 1000, batch_size: int = 250, seed:
         recon = np.concatenate([model.reconstruct(data["image"][i:i + batch_size],
                                                   data["caption"][i:i + batch_size]) for i in batches])
         results["psnr"] = float(np.mean(_psnr(recon, data["image"])))
+        results["ssim"] = float(np.mean(ssim(recon, data["image"])))
+    if "zero_shot" in model.abilities:
+        results["clip"] = evaluate_clip(model, data, gallery)
     if "generate" in model.abilities and judge is not None:
         start = time.perf_counter()
         images = np.concatenate([model.generate(data["caption"][i:i + batch_size], num=1, seed=seed + i,
@@ -117,13 +155,24 @@ def evaluate(model, *, judge=None, num: int = 1000, batch_size: int = 250, seed:
         named = _named_labels(data["caption"])
         results["generated_accuracy"] = attribute_accuracy(images, named, judge)
         results["generated_accuracy_unseen"] = attribute_accuracy(images, named, judge, mask=data["unseen"])
-        results["fd_judge"] = frechet_distance(_judge_features(judge, images), _judge_features(judge, data["image"]))
+        fake, real = _judge_features(judge, images), _judge_features(judge, data["image"])
+        results["fd_judge"] = frechet_distance(fake, real)
+        kid = kernel_distance(fake, real, subset_size=min(500, num))
+        results["kid_judge"], results["kid_judge_std"] = kid["kid"], kid["kid_std"]
+        results.update({f"{k}_judge": v for k, v in precision_recall(real, fake).items()})
+        if clip is not None:
+            results["clip_score"] = clip_score(clip, images, data["caption"])
+            results["clip_score_real"] = clip_score(clip, data["image"], data["caption"])
         results["_images"] = images
     if edits and judge is not None and "edit" in model.abilities:
         results["edit"], results["_edited"] = evaluate_edit(model, judge, data, edits, seed)
     if edits and judge is not None and "inpaint" in model.abilities:
         results["inpaint"], results["_inpainted"] = evaluate_inpaint(model, judge, data, edits, seed)
     return results
+
+
+def _f(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def format_table(results: dict) -> str:
@@ -133,9 +182,25 @@ def format_table(results: dict) -> str:
             cells = "  ".join(f"{a} {results[key][a]:.3f} (n={results[key][a + '_count']})" for a in ATTRIBUTES)
             lines.append(f"  {key:<26} {cells}")
     if "psnr" in results:
-        lines.append(f"  {'reconstruction PSNR':<26} {results['psnr']:.2f} dB")
+        lines.append(f"  {'reconstruction PSNR / SSIM':<26} {results['psnr']:.2f} dB / {results['ssim']:.4f}")
+    if "clip" in results:
+        c = results["clip"]
+        for key in ("zero_shot", "zero_shot_unseen"):
+            cells = "  ".join(f"{a} {_f(c[key][a])}" for a in ATTRIBUTES)
+            lines.append(f"  {key:<26} {cells}")
+        for name in ("t2i", "i2t"):
+            lines.append(f"  {name + ' retrieval':<26} recall@1 {_f(c[name + '_recall@1'])}  "
+                         f"recall@5 {_f(c[name + '_recall@5'])}  unseen queries: recall@1 "
+                         f"{_f(c[name + '_recall@1_unseen'])} (gallery {c['gallery']}, "
+                         f"{c['gallery_unseen']} unseen)")
     if "fd_judge" in results:
         lines.append(f"  {'FD-judge (generated/test)':<26} {results['fd_judge']:.3f}")
+        lines.append(f"  {'KID-judge':<26} {results['kid_judge']:.4f} ± {results['kid_judge_std']:.4f}")
+        lines.append(f"  {'precision / recall (judge)':<26} {results['precision_judge']:.3f} / "
+                     f"{results['recall_judge']:.3f}")
+    if "clip_score" in results:
+        lines.append(f"  {'CLIP score':<26} {results['clip_score']:.4f} (real test images: "
+                     f"{results['clip_score_real']:.4f})")
     if "edit" in results:
         e = results["edit"]
         lines.append(f"  {'edit: color word':<26} new color {e['color']:.3f}  shape kept {e['shape']:.3f}  "
@@ -151,7 +216,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--judge", help="workdir of a trained CNN judge (configs/cnn_shapes.py)")
+    parser.add_argument("--clip", help="workdir of a trained CLIP (configs/clip_shapes.py) for the CLIP score")
     parser.add_argument("--num", type=int, default=1000)
+    parser.add_argument("--gallery", type=int, default=256, help="CLIP: test images to retrieve among")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step", type=int, help="checkpoint step (default: latest good one)")
     parser.add_argument("--edits", type=int, default=0, help="diffusion: also score this many edits/inpaintings")
@@ -169,8 +236,11 @@ def main(argv=None) -> int:
     try:
         model = api.load(args.workdir, step=args.step)
         judge = api.load(args.judge) if args.judge else None
-        results = evaluate(model, judge=judge, num=args.num, seed=args.seed, generate_options=options,
-                           edits=args.edits)
+        clip = api.load(args.clip) if args.clip else None
+        if clip is not None and "embed_images" not in clip.abilities:
+            raise ValueError(f"--clip {args.clip!r} holds a {clip.config.family!r} model, not a CLIP model")
+        results = evaluate(model, judge=judge, clip=clip, num=args.num, seed=args.seed, generate_options=options,
+                           edits=args.edits, gallery=args.gallery)
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"mmjax.evaluate: {e}", file=sys.stderr)
         return 2

@@ -45,3 +45,15 @@ def ldm_run(tmp_path_factory, vae_run):
     workdir = str(tmp_path_factory.mktemp("runs") / "ldm_shapes")
     config = tiny_config("ldm_shapes", f"latent.vae_workdir={vae_run[0]}")
     return workdir, config, train(config, workdir)
+
+
+@pytest.fixture(scope="session")
+def clip_run(tmp_path_factory):
+    """A tiny CLIP trained long enough (160 steps) to beat chance clearly on color."""
+    from mmjax.train.loop import train
+
+    workdir = str(tmp_path_factory.mktemp("runs") / "clip")
+    config = tiny_config("clip_shapes", "train.num_steps=160", "train.batch_size=32", "optim.lr=3e-3",
+                         "train.eval_every=160", "train.checkpoint_every=160", "train.eval_batches=2",
+                         "optim.warmup_steps=10")
+    return workdir, train(config, workdir)

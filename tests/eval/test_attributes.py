@@ -42,11 +42,12 @@ def test_attribute_accuracy_mask_and_unknown_head():
                            FixedJudge({"shape": np.zeros(4, int)}))
 
 
-def test_evaluate_cli_judges_generations(vae_run, cnn_run):
+def test_evaluate_cli_judges_generations(vae_run, cnn_run, clip_run):
     vae_dir, _, _ = vae_run
     judge_dir, _, _ = cnn_run
+    clip_dir, _ = clip_run
     proc = subprocess.run([sys.executable, "-m", "mmjax.evaluate", "--workdir", vae_dir, "--judge", judge_dir,
-                           "--num", "64"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                           "--clip", clip_dir, "--num", "64"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     with open(os.path.join(vae_dir, "eval.json")) as f:
         results = json.load(f)
@@ -55,6 +56,11 @@ def test_evaluate_cli_judges_generations(vae_run, cnn_run):
         assert 0.0 <= results["generated_accuracy"][attribute] <= 1.0
     assert results["generated_accuracy"]["color_count"] == 64  # every caption names the color
     assert results["generated_accuracy"]["size_count"] < 64  # some captions leave size open
+    assert 0 < results["ssim"] <= 1 and results["fd_judge"] > 0
+    assert abs(results["kid_judge"]) < 1e3 and results["kid_judge_std"] >= 0
+    assert 0 <= results["precision_judge"] <= 1 and 0 <= results["recall_judge"] <= 1
+    assert -1 <= results["clip_score"] <= 1 and -1 <= results["clip_score_real"] <= 1
+    assert "KID-judge" in proc.stdout and "CLIP score" in proc.stdout
     os.remove(os.path.join(vae_dir, "eval.json"))  # the shared run stays as sample tests expect
 
 

@@ -96,18 +96,6 @@ def test_prompt_tables_follow_the_labels():
         shapes.attribute_prompts("texture")
 
 
-@pytest.fixture(scope="module")
-def clip_run(tmp_path_factory):
-    """A tiny CLIP trained long enough (160 steps) to beat chance clearly."""
-    from mmjax.train.loop import train
-
-    workdir = str(tmp_path_factory.mktemp("runs") / "clip")
-    config = tiny_config("clip_shapes", "train.num_steps=160", "train.batch_size=32", "optim.lr=3e-3",
-                         "train.eval_every=160", "train.checkpoint_every=160", "train.eval_batches=2",
-                         "optim.warmup_steps=10")
-    return workdir, train(config, workdir)
-
-
 def test_zero_shot_learns_from_captions_alone(clip_run):
     workdir, result = clip_run
     untrained = tiny_config("clip_shapes")
@@ -123,6 +111,20 @@ def test_zero_shot_learns_from_captions_alone(clip_run):
     # measures every attribute on the 32x32 model).
     assert trained["eval/zero_shot_color"] > 0.6, trained
     assert trained["eval/t2i_recall1"] > float(fresh["t2i_recall1"]) + 0.1
+
+
+def test_evaluate_reports_zero_shot_and_retrieval(clip_run):
+    import mmjax
+    from mmjax.evaluate import evaluate, format_table
+
+    workdir, _ = clip_run
+    results = evaluate(mmjax.load(workdir), num=128, gallery=64)
+    c = results["clip"]
+    assert c["gallery"] == 64 and set(c["zero_shot"]) == {"shape", "color", "size", "position"}
+    assert c["zero_shot"]["color"] > 0.6
+    for name in ("t2i", "i2t"):
+        assert 0 < c[f"{name}_recall@1"] <= c[f"{name}_recall@5"] <= 1
+    assert "t2i retrieval" in format_table(results)
 
 
 def test_api_embeds_and_classifies(clip_run):
