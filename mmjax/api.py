@@ -129,14 +129,66 @@ class LoadedModel:
         return to_uint8(jax.device_get(fn(self.params, x, jnp.asarray(masks != 0), tokens, jax.random.key(seed),
                                           **self._guidance(guidance, "inpaint"))))
 
-    def edit(self, images, source_prompts, target_prompts, *, guidance: float | None = None,
-             **options) -> np.ndarray:
-        """Prompt edit: invert each image under its caption, regenerate under the target one."""
+    def edit(self, images, source_prompts, target_prompts, *, guidance: float | str | None = None,
+             clip=None, **options) -> np.ndarray:
+        """Prompt edit: invert each image under its caption, regenerate under the target one.
+
+        `guidance="clip"` edits by CLIP guidance instead (VAE; GAN when it lands): start from
+        each image's latent, decode under the target caption, and follow the gradient of the
+        CLIP similarity to the target prompt. `clip` is a loaded CLIP model or its workdir;
+        options `steps` (default 50), `lr` (0.05), `anchor` (0.1, the pull back to the start),
+        `condition` ('target', or 'source' to decode under the source caption so that the
+        CLIP gradient alone makes the change).
+        """
+        if isinstance(guidance, str):
+            if guidance != "clip":
+                raise ValueError(f"guidance must be a number or 'clip', got {guidance!r}")
+            return self._clip_edit(images, source_prompts, target_prompts, clip, **options)
         x = self._images(images)
         source = self._prompts_for(source_prompts, len(x), "source prompts")
         target = self._prompts_for(target_prompts, len(x), "target prompts")
         fn = self._ability("edit", **options)
         return to_uint8(jax.device_get(fn(self.params, x, source, target, **self._guidance(guidance, "edit"))))
+
+    def _clip_edit(self, images, source_prompts, target_prompts, clip, *, steps: int = 50, lr: float = 0.05,
+                   anchor: float = 0.1, condition: str = "target", return_history: bool = False):
+        from mmjax.editing.clip_guidance import clip_guided_latents
+
+        if not {"encode_latent", "decode_latent"} <= set(self.family.abilities):
+            raise NotImplementedError(f"CLIP guidance needs a differentiable decoder from a latent; the "
+                                      f"{self.config.family!r} family has none (it can: {self.abilities})")
+        if clip is None:
+            raise ValueError("guidance='clip' needs clip=<a CLIP workdir or loaded CLIP model>")
+        if condition not in ("target", "source"):
+            raise ValueError(f"condition must be 'target' or 'source', got {condition!r}")
+        clip = load(clip) if isinstance(clip, str) else clip
+        if "embed_images" not in clip.abilities:
+            raise ValueError(f"clip= holds a {clip.config.family!r} model, not a CLIP model")
+        if clip.image_size != self.image_size:
+            raise ValueError(f"the CLIP model sees {clip.image_size}px images, this model makes {self.image_size}px")
+        x = self._images(images)
+        source = self._prompts_for(source_prompts, len(x), "source prompts")
+        target = self._prompts_for(target_prompts, len(x), "target prompts")
+        prompts = [target_prompts] * len(x) if isinstance(target_prompts, str) else list(target_prompts)
+        clip_target = clip._prompts_for(prompts, len(x), "target prompts")
+        key = ("clip_edit", int(steps), float(lr), float(anchor), condition, id(clip))
+        if key not in self._compiled:
+            abilities, clip_abilities = self.family.abilities, clip.family.abilities
+
+            def run(params, clip_params, x, source, target, clip_target):
+                z0 = abilities["encode_latent"](self.module, params, self.config, x, source)
+                target_emb = clip_abilities["embed_texts"](clip.module, clip_params, clip.config, clip_target)
+                cond = target if condition == "target" else source
+                decode = lambda z: abilities["decode_latent"](self.module, params, self.config, z, cond)  # noqa: E731
+                embed = lambda img: clip_abilities["embed_images"](clip.module, clip_params, clip.config, img)  # noqa: E731
+                z, history = clip_guided_latents(decode, embed, z0, target_emb, steps=steps, lr=lr, anchor=anchor)
+                final = jnp.sum(embed(decode(z)) * target_emb, axis=-1)
+                return decode(z), jnp.concatenate([history, final[None]])
+
+            self._compiled[key] = jax.jit(run)
+        out, history = self._compiled[key](self.params, clip.params, x, source, target, clip_target)
+        images = to_uint8(jax.device_get(out))
+        return (images, np.asarray(history)) if return_history else images
 
     def _guidance(self, guidance, ability: str) -> dict:
         """The guidance scale as a traced argument (always passed, so that changing it never

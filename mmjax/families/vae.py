@@ -74,6 +74,16 @@ def reconstruct(model, params, config, images, tokens=None):
     return jnp.clip(model.apply({"params": params}, mean, tokens, method=VAE.decode), -1, 1)
 
 
+def encode_latent(model, params, config, images, tokens=None):
+    """Images -> posterior means (the latents an edit starts from)."""
+    return model.apply({"params": params}, images, _tokens(model, tokens), method=VAE.encode)[0]
+
+
+def decode_latent(model, params, config, z, tokens=None):
+    """Latents -> images in [-1, 1] (differentiable: CLIP guidance steers through it)."""
+    return jnp.clip(model.apply({"params": params}, z, _tokens(model, tokens), method=VAE.decode), -1, 1)
+
+
 def latent_shape(model, config) -> tuple[int, int, int]:
     side = config.data.image_size // (2 ** (len(model.widths) - 1))
     return (side, side, model.latent_channels)
@@ -130,5 +140,6 @@ FAMILY = Family(
     evaluate=evaluate,
     best_metric=("psnr", "max"),
     preview=preview,
-    abilities={"generate": generate, "reconstruct": reconstruct, "interpolate": interpolate},
+    abilities={"generate": generate, "reconstruct": reconstruct, "interpolate": interpolate,
+               "encode_latent": encode_latent, "decode_latent": decode_latent},
 )

@@ -150,3 +150,32 @@ def test_api_embeds_and_classifies(clip_run):
         model.zero_shot(images[:2], {"red": "a red circle"})
     with pytest.raises(NotImplementedError, match="cannot generate"):
         model.generate("a red circle")
+
+
+def test_clip_guidance_raises_similarity_to_the_target(clip_run, vae_run):
+    # CLIP guidance on the tiny VAE: each Adam step follows the gradient of the CLIP
+    # similarity, so the similarity to the target prompt climbs; zero steps is plain decoding.
+    import mmjax
+    from mmjax.editing.clip_guidance import clip_guided_latents
+
+    clip_dir, _ = clip_run
+    vae_dir, _, _ = vae_run
+    vae, clip_model = mmjax.load(vae_dir), mmjax.load(clip_dir)
+    images = np.zeros((4, vae.image_size, vae.image_size, 3), np.uint8)
+    images[:, 4:12, 4:12] = (220, 30, 30)
+    edited, history = vae.edit(images, "a red square", "a blue circle", guidance="clip", clip=clip_dir,
+                               steps=8, lr=0.1, anchor=0.0, condition="source", return_history=True)
+    assert edited.shape == images.shape and edited.dtype == np.uint8
+    assert history.shape == (9, 4)
+    assert np.all(history[-1] > history[0] + 1e-3), history
+    plain = vae.edit(images, "a red square", "a blue circle", guidance="clip", clip=clip_model, steps=0,
+                     condition="source")
+    assert np.array_equal(plain, vae.reconstruct(images, ["a red square"] * 4))
+    with pytest.raises(ValueError, match="number or 'clip'"):
+        vae.edit(images, "a", "b", guidance="clipp")
+    with pytest.raises(ValueError, match="needs clip="):
+        vae.edit(images, "a", "b", guidance="clip")
+    with pytest.raises(NotImplementedError, match="differentiable decoder"):
+        clip_model.edit(images, "a", "b", guidance="clip", clip=clip_model)
+    with pytest.raises(ValueError, match="steps must be >= 0"):
+        clip_guided_latents(lambda z: z, lambda x: x, jnp.zeros((1, 2)), jnp.zeros((1, 2)), steps=-1)

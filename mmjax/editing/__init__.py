@@ -1,0 +1,1 @@
+"""Editing by optimisation: pure functions over callables and arrays (no families)."""
