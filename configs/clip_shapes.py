@@ -10,7 +10,7 @@ Variants: `small` (ResNet tower), `small_vit` (a 4-layer ViT on 4x4 patches), `6
 accelerator config, with --config.data.image_size=64).
 """
 
-from mmjax.config import base_config
+from mmjax.config import base_config, tiny
 from mmjax.families.clip import add_defaults
 
 
@@ -31,16 +31,8 @@ def get_config(arg=None):
     c.optim.weight_decay = 1e-4
     c.optim.warmup_steps = 200
     if arg == "tiny":
+        tiny(c)
         c.variant = "tiny"
-        c.data.image_size = 16
-        c.data.num_test = 256
-        c.train.batch_size = 16
-        c.train.num_steps = 20
-        c.train.log_every = 5
-        c.train.eval_every = 10
-        c.train.eval_batches = 1
-        c.train.checkpoint_every = 10
-        c.optim.warmup_steps = 2
     elif arg:
         raise ValueError(f"unknown config variant {arg!r}; known: 'tiny'")
     return c

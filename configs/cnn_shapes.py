@@ -4,7 +4,7 @@
     python train.py --config configs/cnn_shapes.py:tiny --workdir runs/judge_tiny   # CPU smoke run
 """
 
-from mmjax.config import base_config
+from mmjax.config import base_config, tiny
 
 
 def get_config(arg=None):
@@ -26,16 +26,8 @@ def get_config(arg=None):
     c.optim.weight_decay = 1e-4
     c.optim.warmup_steps = 100
     if arg == "tiny":
+        tiny(c)
         c.variant = "tiny"
-        c.data.image_size = 16
-        c.data.num_test = 256
-        c.train.batch_size = 16
-        c.train.num_steps = 20
-        c.train.log_every = 5
-        c.train.eval_every = 10
-        c.train.eval_batches = 1
-        c.train.checkpoint_every = 10
-        c.optim.warmup_steps = 2
     elif arg:
         raise ValueError(f"unknown config variant {arg!r}; known: 'tiny'")
     return c

@@ -9,7 +9,7 @@ seconds (see README). For a CPU-trainable text-to-image model use configs/ldm_sh
 Variant `ddpm32` (the DDPM CIFAR-10 network, 35.7M parameters) is the benchmark shape.
 """
 
-from mmjax.config import base_config
+from mmjax.config import base_config, tiny
 from mmjax.families.diffusion import add_defaults
 
 
@@ -31,21 +31,12 @@ def get_config(arg=None):
     c.optim.warmup_steps = 500
     c.sample.num = 8
     if arg == "tiny":
+        tiny(c)
         c.variant = "tiny"
-        c.data.image_size = 16
-        c.data.num_test = 256
         c.loss.num_timesteps = 100
         c.sample.steps = 10
         c.sample.preview_steps = 5
         c.sample.num = 4
-        c.train.batch_size = 16
-        c.train.num_steps = 20
-        c.train.log_every = 5
-        c.train.sample_every = 10
-        c.train.eval_every = 10
-        c.train.eval_batches = 1
-        c.train.checkpoint_every = 10
-        c.optim.warmup_steps = 2
     elif arg:
         raise ValueError(f"unknown config variant {arg!r}; known: 'tiny'")
     return c

@@ -10,7 +10,7 @@ The VAE's weights are copied into the run's parameters (frozen), so the LDM chec
 on its own. `:tiny` expects the tiny VAE (configs/vae_shapes.py:tiny) in runs/vae_tiny.
 """
 
-from mmjax.config import base_config
+from mmjax.config import base_config, tiny
 from mmjax.families.diffusion import add_defaults
 
 
@@ -37,25 +37,16 @@ def get_config(arg=None):
     c.optim.warmup_steps = 300
     c.sample.num = 8
     if arg == "tiny":
+        tiny(c)
         c.variant = "tiny"
         c.latent.vae_workdir = "runs/vae_tiny"
         c.model.out_channels = 4
         c.model.base_channels = 16
-        c.data.image_size = 16
-        c.data.num_test = 256
         c.latent.stats_batches = 2
         c.loss.num_timesteps = 100
         c.sample.steps = 10
         c.sample.preview_steps = 5
         c.sample.num = 4
-        c.train.batch_size = 16
-        c.train.num_steps = 20
-        c.train.log_every = 5
-        c.train.sample_every = 10
-        c.train.eval_every = 10
-        c.train.eval_batches = 1
-        c.train.checkpoint_every = 10
-        c.optim.warmup_steps = 2
     elif arg:
         raise ValueError(f"unknown config variant {arg!r}; known: 'tiny'")
     return c

@@ -5,7 +5,7 @@
     python sample.py --workdir runs/vae --prompt "a small green square at the top" --out grid.png
 """
 
-from mmjax.config import base_config
+from mmjax.config import base_config, tiny
 
 
 def get_config(arg=None):
@@ -30,20 +30,11 @@ def get_config(arg=None):
     c.optim.warmup_steps = 100
     c.sample.num = 8
     if arg == "tiny":
+        tiny(c)
         c.variant = "cond_tiny"
         c.model.widths = (8, 16)
         c.model.latent_channels = 4
-        c.data.image_size = 16
-        c.data.num_test = 256
         c.loss.kl_warmup_steps = 5
-        c.train.batch_size = 16
-        c.train.num_steps = 20
-        c.train.log_every = 5
-        c.train.sample_every = 10
-        c.train.eval_every = 10
-        c.train.eval_batches = 1
-        c.train.checkpoint_every = 10
-        c.optim.warmup_steps = 2
         c.sample.num = 4
     elif arg:
         raise ValueError(f"unknown config variant {arg!r}; known: 'tiny'")

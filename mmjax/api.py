@@ -25,7 +25,7 @@ from mmjax import sharding, zoo
 from mmjax.checkpoint import Checkpointer
 from mmjax.data.tokenizer import ByteTokenizer
 from mmjax.images import make_grid, to_float, to_uint8
-from mmjax.train.state import create_state, make_optimizer
+from mmjax.train.state import create_state, make_optimizers
 
 
 class LoadedModel:
@@ -303,7 +303,7 @@ def _abstract_params(config):
         raise ValueError(f"checkpoint is of unknown family {config.family!r}")
     module = zoo.build_model(config)
     objectives = family.objectives(module, config)
-    optimizers = {o.name: make_optimizer(config[o.optim_section], config.train.num_steps)[0] for o in objectives}
+    optimizers, _ = make_optimizers(objectives, config)
     abstract = jax.eval_shape(functools.partial(create_state, family, module, config, optimizers, objectives))
     return family, module, abstract
 

@@ -253,3 +253,19 @@ def base_config() -> ConfigDict:
     c.sample = ConfigDict()
     c.sample.num = 16
     return c
+
+
+def tiny(c: ConfigDict) -> ConfigDict:
+    """The settings every config's `:tiny` variant shares: 16-pixel images, 20 steps of batch 16,
+    something logged, evaluated, sampled and saved every few steps. A CPU smoke run."""
+    c.data.image_size = 16
+    c.data.num_test = 256
+    c.train.batch_size = 16
+    c.train.num_steps = 20
+    c.train.log_every = 5
+    c.train.sample_every = 10
+    c.train.eval_every = 10
+    c.train.eval_batches = 1
+    c.train.checkpoint_every = 10
+    c.optim.warmup_steps = 2
+    return c

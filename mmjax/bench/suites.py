@@ -17,7 +17,7 @@ import numpy as np
 
 from mmjax import sharding, zoo
 from mmjax.bench import core
-from mmjax.train.state import create_state, make_optimizer
+from mmjax.train.state import create_state, make_optimizers
 from mmjax.train.step import make_train_step
 
 # ---------------------------------------------------------------------------------------------
@@ -108,10 +108,7 @@ def _make_step(config):
     family = zoo.FAMILIES[config.family]
     model = zoo.build_model(config)
     objectives = family.objectives(model, config)
-    optimizers, schedules = {}, {}
-    for objective in objectives:
-        optimizers[objective.name], schedules[objective.name] = make_optimizer(
-            config[objective.optim_section], config.train.num_steps)
+    optimizers, schedules = make_optimizers(objectives, config)
     init_fn = functools.partial(create_state, family, model, config, optimizers, objectives)
     step_fn = make_train_step(objectives, optimizers, schedules, ema_decay=config.train.ema_decay,
                               grad_accum=config.train.grad_accum)

@@ -25,7 +25,7 @@ from mmjax.checkpoint import Checkpointer
 from mmjax.data import pipeline
 from mmjax.data.tokenizer import ByteTokenizer
 from mmjax.images import make_grid, to_uint8
-from mmjax.train.state import TrainState, create_state, make_optimizer
+from mmjax.train.state import TrainState, create_state, make_optimizers
 from mmjax.train.step import make_train_step
 from mmjax.train.writer import MetricWriter
 
@@ -131,10 +131,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> RunResult:
 
     model = zoo.build_model(config)
     objectives = family.objectives(model, config)
-    optimizers, schedules = {}, {}
-    for objective in objectives:
-        optimizers[objective.name], schedules[objective.name] = make_optimizer(
-            config[objective.optim_section], config.train.num_steps)
+    optimizers, schedules = make_optimizers(objectives, config)
     init_fn = functools.partial(create_state, family, model, config, optimizers, objectives)
     replicated = sharding.replicated(mesh)
     abstract = jax.eval_shape(init_fn)

@@ -53,6 +53,15 @@ def make_optimizer(optim_cfg, num_steps: int) -> tuple[optax.GradientTransformat
     return optax.chain(*parts), schedule
 
 
+def make_optimizers(objectives, config) -> tuple[dict, dict]:
+    """Each objective's optimizer and learning-rate schedule, from its config section."""
+    optimizers, schedules = {}, {}
+    for objective in objectives:
+        optimizers[objective.name], schedules[objective.name] = make_optimizer(
+            config[objective.optim_section], config.train.num_steps)
+    return optimizers, schedules
+
+
 def objective_params(params, objective: Objective):
     return params if objective.params_key is None else params[objective.params_key]
 
