@@ -9,7 +9,7 @@
   precision/recall in the judge's features; with `--clip runs/clip`, the CLIP score;
 - CLIP models: zero-shot accuracy per attribute (also on the unseen combinations) and
   retrieval recall@1/@5 among `--gallery` test images with full captions.
-Prints a table and writes `eval.json` into the workdir (atomically).
+Prints a table and writes `eval.json` into the workdir (or `--out`), atomically.
 """
 
 from __future__ import annotations
@@ -226,6 +226,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sampler", help="diffusion: sampler (default: the config's)")
     parser.add_argument("--steps", type=int, help="diffusion: sampling steps (default: the config's)")
     parser.add_argument("--grid", help="also write a PNG of the first generated (and edited) images")
+    parser.add_argument("--out", help="where to write the JSON results (default: <workdir>/eval.json)")
     args = parser.parse_args(argv)
     options = {k: v for k, v in (("guidance", args.guidance), ("sampler", args.sampler), ("steps", args.steps))
                if v is not None}
@@ -251,7 +252,7 @@ def main(argv=None) -> int:
         rows = [v[:16] for v in images.values()]
         save_png(api.grid(np.concatenate(rows), ncols=16), args.grid)
     print(format_table(results))
-    path = os.path.join(args.workdir, "eval.json")
+    path = args.out or os.path.join(args.workdir, "eval.json")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
     os.replace(path + ".tmp", path)
