@@ -1,6 +1,9 @@
 """The benchmark harness runs end to end on CPU with tiny twins and writes a complete record."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -8,13 +11,22 @@ import pytest
 
 from mmjax.bench import core, suites
 from mmjax.bench.__main__ import main
+from tests.helpers import REPO
 
 
-def test_train_and_kernel_suites_write_a_complete_record(tmp_path, capsys):
+def run_bench(*args) -> subprocess.CompletedProcess:
+    """The CLI in its own process: it points JAX's persistent compilation cache at a fresh
+    directory, process-wide, which must not leak into the other tests' training runs."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "mmjax.bench", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_train_and_kernel_suites_write_a_complete_record(tmp_path):
     out = tmp_path / "results.jsonl"
-    code = main(["--tiny", "--preset", "cnn64", "--suite", "train", "--suite", "kernels", "--steps", "2",
-                 "--warmup", "1", "--out", str(out), "--dtype", "float32"])
-    assert code == 0
+    proc = run_bench("--tiny", "--preset", "cnn64", "--suite", "train", "--suite", "kernels", "--steps", "2",
+                     "--warmup", "1", "--out", str(out), "--dtype", "float32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     lines = out.read_text().splitlines()
     assert len(lines) == 1 and not (tmp_path / "results.jsonl.partial.json").exists()
     record = json.loads(lines[0])
@@ -38,14 +50,15 @@ def test_train_and_kernel_suites_write_a_complete_record(tmp_path, capsys):
         assert "error" not in row and row["seconds"] > 0
         if row["kernel"] == "attention" and row["mode"] == "fwd":
             assert row["ran"] == "xla" and row["rel_err"] < 1e-5
-    report = capsys.readouterr().out
+    report = proc.stdout
     assert "train step" in report and "cnn64" in report and "kernels" in report
 
 
 def test_sampling_suite_measures_guided_ddim(tmp_path):
     out = tmp_path / "r.jsonl"
-    assert main(["--tiny", "--preset", "ldm64", "--suite", "sample", "--sample-steps", "3", "--sample-batch", "4",
-                 "--out", str(out), "--dtype", "float32"]) == 0
+    proc = run_bench("--tiny", "--preset", "ldm64", "--suite", "sample", "--sample-steps", "3", "--sample-batch", "4",
+                     "--out", str(out), "--dtype", "float32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     (sample,) = json.loads(out.read_text())["sample"]
     assert sample["sampler"] == "ddim" and sample["steps"] == 3 and sample["batch_size"] == 4
     assert sample["finite"] and sample["images_per_s"] == pytest.approx(4 / sample["seconds"])
