@@ -35,9 +35,10 @@ def main(argv=None) -> int:
         print(f"train.py: config error: {e}", file=sys.stderr)
         return 2
 
+    from mmjax.evaluate import in_loop_generation
     from mmjax.train import run
 
-    return run.main(config, args)
+    return run.main(config, args, make_extra_eval=in_loop_generation)
 
 
 if __name__ == "__main__":

@@ -252,6 +252,13 @@ def base_config() -> ConfigDict:
 
     c.sample = ConfigDict()
     c.sample.num = 16
+
+    # Generators, scored in the loop at every evaluation (train.py): images from the first
+    # `num_generated` test captions, judged by a CNN judge and/or scored by a CLIP model.
+    c.eval = ConfigDict()
+    c.eval.judge = ""  # workdir of a trained judge (configs/cnn_shapes.py); "" = off
+    c.eval.clip = ""  # workdir of a trained CLIP (configs/clip_shapes.py); "" = off
+    c.eval.num_generated = 256
     return c
 
 

@@ -171,6 +171,63 @@ def evaluate(model, *, judge=None, clip=None, num: int = 1000, batch_size: int =
     return results
 
 
+def in_loop_generation(config):
+    """The loop's generator evaluation from `config.eval`, or None when it is off.
+
+    Returns `fn(ema_params) -> dict`: images from the first `eval.num_generated` test captions
+    (fixed seed, so steps are comparable), judged per attribute the caption names
+    (`gen_<attribute>`), FD/KID-judge and k-NN precision/recall against the real test images
+    (with a judge), and the CLIP score (with a CLIP model). Bad workdirs fail here, before
+    any training.
+    """
+    import jax
+
+    from mmjax import api, sharding, zoo
+    from mmjax.data.tokenizer import ByteTokenizer
+
+    settings = config.get("eval")
+    if settings is None or not (settings.judge or settings.clip):
+        return None
+    family = zoo.FAMILIES[config.family]
+    if "generate" not in family.abilities:
+        raise ValueError(f"config keys 'eval.judge'/'eval.clip' score generated images, but the "
+                         f"{config.family!r} family does not generate")
+    judge = api.load(settings.judge) if settings.judge else None
+    clip = api.load(settings.clip) if settings.clip else None
+    if judge is not None and "classify" not in judge.abilities:
+        raise ValueError(f"config key 'eval.judge': {settings.judge!r} holds a {judge.config.family!r} model, not a judge")
+    if clip is not None and "embed_images" not in clip.abilities:
+        raise ValueError(f"config key 'eval.clip': {settings.clip!r} holds a {clip.config.family!r} model, not a CLIP")
+    num = settings.num_generated
+    data = test_split(config.data.image_size, num)
+    named = _named_labels(data["caption"])
+    real = _judge_features(judge, data["image"]) if judge is not None else None
+    module = zoo.build_model(config)
+    generate = jax.jit(lambda params, tokens, rng: family.abilities["generate"](module, params, config, tokens, rng))
+    replicated = sharding.replicated(sharding.make_mesh())
+    tokens = jax.device_put(ByteTokenizer(config.data.max_len).encode(data["caption"]), replicated)
+
+    def run(params) -> dict:
+        from mmjax.images import to_uint8
+
+        chunks = [jax.device_get(generate(params, tokens[i:i + 250], jax.random.key(i)))
+                  for i in range(0, num, 250)]
+        images = to_uint8(np.concatenate(chunks))
+        out = {}
+        if judge is not None:
+            accuracy = attribute_accuracy(images, named, judge)
+            out.update({f"gen_{a}": accuracy[a] for a in ATTRIBUTES})
+            fake = _judge_features(judge, images)
+            out["fd_judge"] = frechet_distance(fake, real)
+            out["kid_judge"] = kernel_distance(fake, real, subset_size=min(500, num))["kid"]
+            out.update({f"{k}_judge": v for k, v in precision_recall(real, fake).items()})
+        if clip is not None:
+            out["clip_score"] = clip_score(clip, images, data["caption"])
+        return out
+
+    return run
+
+
 def _f(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 

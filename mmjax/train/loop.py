@@ -117,10 +117,12 @@ def _oom_advice(error: Exception) -> Exception:
     return error
 
 
-def train(config, workdir: str, *, stop_at: int | None = None) -> RunResult:
+def train(config, workdir: str, *, stop_at: int | None = None, extra_eval=None) -> RunResult:
     """Trains `config` in `workdir`, resuming from its latest good checkpoint if there is one.
 
     `stop_at` ends the run early at that step (with a checkpoint), as a preemption would.
+    `extra_eval(ema_params) -> {name: float}` runs at every evaluation beside the family's own
+    (train.py passes `mmjax.evaluate.in_loop_generation`); its numbers are logged as `eval/`.
     """
     family = zoo.FAMILIES[config.family]
     mesh = sharding.make_mesh()
@@ -225,8 +227,11 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> RunResult:
                 bar.update(1)
                 if step % config.train.log_every == 0:
                     flush_metrics()
-                if evaluate and config.train.eval_every and (step % config.train.eval_every == 0 or step == end):
-                    eval_metrics = _run_eval(evaluate, state.ema_params, eval_batches)
+                if (evaluate or extra_eval) and config.train.eval_every and (
+                        step % config.train.eval_every == 0 or step == end):
+                    eval_metrics = _run_eval(evaluate, state.ema_params, eval_batches) if evaluate else {}
+                    if extra_eval:
+                        eval_metrics.update({f"eval/{k}": float(v) for k, v in extra_eval(state.ema_params).items()})
                     writer.write(step, eval_metrics)
                     writer.flush()
                 if preview and is_main and config.train.sample_every and (

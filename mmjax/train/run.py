@@ -24,10 +24,12 @@ def init_distributed(args) -> None:
         log.info("process %d of %d joined", jax.process_index(), jax.process_count())
 
 
-def main(config, args) -> int:
+def main(config, args, make_extra_eval=None) -> int:
+    """`make_extra_eval(config)` builds the loop's extra evaluation (after joining the job)."""
     init_distributed(args)
     try:
-        result = train(config, args.workdir)
+        extra_eval = make_extra_eval(config) if make_extra_eval else None
+        result = train(config, args.workdir, extra_eval=extra_eval)
     except (ResumeMismatchError, ValueError) as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 2

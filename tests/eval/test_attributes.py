@@ -73,3 +73,35 @@ def test_judge_classifies_real_images(cnn_run):
     results = evaluate(judge, num=64)
     assert set(results["accuracy"]) >= {"shape", "color", "size", "position"}
     assert results["accuracy"]["shape_count"] == 64
+
+
+def test_generators_are_scored_in_the_loop(tmp_path, cnn_run, clip_run):
+    from mmjax.evaluate import in_loop_generation
+    from mmjax.train.loop import train
+    from tests.helpers import tiny_config
+
+    judge_dir, clip_dir = cnn_run[0], clip_run[0]
+    config = tiny_config("vae_shapes", f"eval.judge={judge_dir}", f"eval.clip={clip_dir}", "eval.num_generated=32",
+                         "train.num_steps=10", "train.eval_every=5")
+    workdir = str(tmp_path / "vae")
+    train(config, workdir, extra_eval=in_loop_generation(config))
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    scored = {r["step"]: r for r in rows if "eval/gen_color" in r}
+    assert set(scored) == {5, 10}
+    for row in scored.values():
+        assert "eval/psnr" in row  # the family's own evaluation still runs beside it
+        assert 0 <= row["eval/gen_color"] <= 1 and 0 <= row["eval/gen_shape"] <= 1
+        assert row["eval/fd_judge"] > 0 and 0 <= row["eval/precision_judge"] <= 1
+        assert -1 <= row["eval/clip_score"] <= 1
+
+
+def test_in_loop_generation_is_off_by_default_and_names_bad_settings(cnn_run, clip_run):
+    from mmjax.evaluate import in_loop_generation
+    from tests.helpers import tiny_config
+
+    assert in_loop_generation(tiny_config("vae_shapes")) is None
+    with pytest.raises(ValueError, match="not a CLIP"):
+        in_loop_generation(tiny_config("vae_shapes", f"eval.clip={cnn_run[0]}"))
+    with pytest.raises(ValueError, match="does not generate"):
+        in_loop_generation(tiny_config("clip_shapes", f"eval.judge={cnn_run[0]}"))
