@@ -2,7 +2,7 @@
 
     python -m mmjax.bench                                  # every preset, every suite
     python -m mmjax.bench --preset ddpm32 --preset ldm64 --suite train
-    python -m mmjax.bench --tiny                           # CPU-sized twins (seconds)
+    python -m mmjax.bench --size full                      # the full presets even on a CPU (slow)
     python -m mmjax.bench --config configs/vae_shapes.py:tiny --config.train.batch_size=16
     python -m mmjax.bench --preset ldm64 --suite sample --sample-batch 64 --sample-steps 50
 
@@ -34,7 +34,9 @@ def parse_args(argv):
     p.add_argument("--preset", action="append", choices=sorted(PRESETS),
                    help="a benchmark shape (repeatable); default: all, unless --config is given")
     p.add_argument("--config", help="a config spec (path.py[:arg]) to benchmark instead of / beside presets")
-    p.add_argument("--tiny", action="store_true", help="the presets' CPU-sized twins")
+    p.add_argument("--size", choices=("auto", "tiny", "full"), default="auto",
+                   help="presets at full size or as CPU-sized twins (auto: tiny on a CPU, full elsewhere)")
+    p.add_argument("--tiny", dest="size", action="store_const", const="tiny", help="same as --size tiny")
     p.add_argument("--suite", action="append", choices=SUITES, help="default: all")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
                    help="compute dtype of presets (parameters stay float32)")
@@ -145,6 +147,9 @@ def main(argv=None) -> int:
 
     info = core.device_info()
     accelerator = info["platform"] != "cpu"
+    tiny = args.size == "tiny" or (args.size == "auto" and not accelerator)
+    if tiny and args.size == "auto":
+        print("on a CPU: the presets' tiny twins (--size full for the full shapes)", flush=True)
     record = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m mmjax.bench " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -169,7 +174,7 @@ def main(argv=None) -> int:
 
     targets = []
     for name in args.preset or []:
-        targets.append((name, suites.preset_config(name, tiny=args.tiny, dtype=args.dtype,
+        targets.append((name, suites.preset_config(name, tiny=tiny, dtype=args.dtype,
                                                    batch_size=args.batch_size, overrides=args.overrides)))
     if args.config:
         config = config_lib.load_config(args.config, args.overrides)
@@ -221,7 +226,7 @@ def main(argv=None) -> int:
     record["ceilings"]["copy"] = copy
     print(f"peak: {copy['gbps']:.4g} GB/s device copy", flush=True)
     if "kernels" in args.suite:
-        record["kernels"] = suites.bench_kernels(tiny=args.tiny or not accelerator, dtype=jnp.dtype(args.dtype),
+        record["kernels"] = suites.bench_kernels(tiny=tiny or not accelerator, dtype=jnp.dtype(args.dtype),
                                                  peak_tflops=peak, peak_gbps=copy["gbps"])
         checkpoint_record()
 
