@@ -171,7 +171,9 @@ class LoadedModel:
         target = self._prompts_for(target_prompts, len(x), "target prompts")
         prompts = [target_prompts] * len(x) if isinstance(target_prompts, str) else list(target_prompts)
         clip_target = clip._prompts_for(prompts, len(x), "target prompts")
-        key = ("clip_edit", int(steps), float(lr), float(anchor), condition, id(clip))
+        # The CLIP model itself in the key (not its id): the cache holds it, so no later object
+        # can reuse the id and pick up a program closed over another model.
+        key = ("clip_edit", int(steps), float(lr), float(anchor), condition, clip)
         if key not in self._compiled:
             abilities, clip_abilities = self.family.abilities, clip.family.abilities
 
@@ -280,11 +282,11 @@ class LoadedModel:
         if not classes or any(isinstance(p, str) or not p for p in classes.values()):
             raise ValueError("classes must map each class name to a non-empty list of prompts")
         names = list(classes)
-        prompt_emb = self.embed_texts([p for name in names for p in classes[name]])
-        counts = np.array([len(classes[name]) for name in names])
-        means = np.add.reduceat(prompt_emb, np.concatenate([[0], np.cumsum(counts)[:-1]]))
-        means /= np.linalg.norm(means, axis=-1, keepdims=True)
-        scores = self.embed_images(images) @ means.T
+        tokens = self._tokens([p for name in names for p in classes[name]])
+        fn = self._ability("zero_shot", counts=tuple(len(classes[name]) for name in names))
+        images = self._images(images)
+        scores = np.concatenate([np.asarray(fn(self.params, images[i:i + 256], tokens))
+                                 for i in range(0, len(images), 256)])
         return [names[i] for i in np.argmax(scores, axis=1)]
 
 

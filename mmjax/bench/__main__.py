@@ -143,6 +143,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from mmjax import config as config_lib
+    from mmjax import zoo
     from mmjax.bench import core, suites
 
     info = core.device_info()
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
             config_lib.set_value(config, "train.batch_size", args.batch_size)
         targets.append((args.config, config))
     implementation = None if args.attention == "auto" else args.attention
-    targets = [(name, suites._with_attention(config, implementation)[1]) for name, config in targets]
+    targets = [(name, suites.with_attention(config, implementation)) for name, config in targets]
 
     for name, config in targets:
         if "train" in args.suite:
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
                     # measure the step with XLA's attention rather than nothing.
                     error = result["error"]
                     try:
-                        result = suites.bench_train(suites._with_attention(config, "xla")[1], steps=args.steps,
+                        result = suites.bench_train(suites.with_attention(config, "xla"), steps=args.steps,
                                                     warmup=args.warmup, peak_tflops=peak, name=name)
                         result["auto_attention_error"] = error
                         result["attention"] = "xla (fallback)"
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
             record["train"].append({"target": name, **result})
             checkpoint_record()
             print(json.dumps({"train": record["train"][-1]}), flush=True)
-        if "sample" in args.suite and config.family in ("diffusion", "vae"):
+        if "sample" in args.suite and "generate" in zoo.FAMILIES[config.family].abilities:
             batch = args.sample_batch or config.train.batch_size
             try:
                 result = suites.bench_sample(config, batch_size=batch, sampler=args.sampler,

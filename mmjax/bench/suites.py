@@ -8,6 +8,7 @@ synthetic batch already on the devices, so input pipelines stay out of the numbe
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import time
 
@@ -76,11 +77,9 @@ def synthetic_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndar
     return batch
 
 
-def _with_attention(config, implementation):
+def with_attention(config, implementation):
     """A copy of `config` whose model runs attention with `implementation` (None = auto)."""
     import copy
-
-    from mmjax import config as config_lib
 
     config = copy.deepcopy(config)
     family = zoo.FAMILIES[config.family]
@@ -88,7 +87,7 @@ def _with_attention(config, implementation):
     if "implementation" in getattr(fields, "__dataclass_fields__", {}):
         with config.unlocked():
             config.model.implementation = implementation
-    return config_lib, config
+    return config
 
 
 def model_flops(config, batch_size: int) -> float | None:
@@ -96,7 +95,7 @@ def model_flops(config, batch_size: int) -> float | None:
     the CPU with XLA's attention. The same count on every device: a compiled GPU program
     hides its convolutions and cuDNN attention in custom calls that count no FLOPs, and
     GPU backends cannot analyse an unoptimised program."""
-    _, xla_config = _with_attention(config, "xla")
+    xla_config = with_attention(config, "xla")
     step_fn, init_fn = _make_step(xla_config)
     abstract = jax.eval_shape(init_fn)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in synthetic_batch(config, batch_size).items()}
@@ -235,9 +234,9 @@ def bench_sample(config, *, batch_size: int, sampler: str = "ddim", steps: int =
     params = jax.jit(lambda: family.init(model, jax.random.key(0), {k: jnp.asarray(v) for k, v in host.items()},
                                          config))()
     generate = family.abilities["generate"]
-    kwargs = {}
-    if config.family == "diffusion":
-        kwargs = {"guidance": guidance, "sampler": sampler, "steps": steps}
+    # The sampler settings a family's `generate` takes (diffusion); a one-shot decoder takes none.
+    accepted = inspect.signature(generate).parameters
+    kwargs = {k: v for k, v in (("guidance", guidance), ("sampler", sampler), ("steps", steps)) if k in accepted}
     fn = jax.jit(lambda p, tokens, rng: generate(model, p, config, tokens, rng, **kwargs))
     tokens, rng = jnp.asarray(host["tokens"]), jax.random.key(1)
     t0 = time.perf_counter()
@@ -249,7 +248,7 @@ def bench_sample(config, *, batch_size: int, sampler: str = "ddim", steps: int =
     out = {"family": config.family, "variant": config.variant, "dtype": config.dtype, "batch_size": batch_size,
            "compile_s": compile_s, "seconds": seconds, "images_per_s": batch_size / seconds,
            "finite": bool(np.isfinite(images).all()), "hlo": facts}
-    if config.family == "diffusion":
+    if "steps" in kwargs:
         out.update({"sampler": sampler, "steps": steps, "guidance": guidance,
                     "network_evals_per_s": batch_size * steps * (2 if guidance != 1.0 else 1) / seconds})
     return out
