@@ -164,9 +164,7 @@ def validate(config: ConfigDict) -> None:
             f"config key 'data.name': unknown dataset {config.data.name!r}; "
             f"known: {sorted(pipeline.SOURCES)}"
         )
-    if config.data.name == "shapes" and config.data.channels != 3:
-        raise ConfigError(f"config key 'data.channels' is {config.data.channels}, but the shapes "
-                          "dataset's images are RGB (3 channels)")
+    _validate_data(config, pipeline)
     positive = {
         "train.batch_size": config.train.batch_size,
         "train.num_steps": config.train.num_steps,
@@ -199,6 +197,62 @@ def validate(config: ConfigDict) -> None:
             raise ConfigError(str(e)) from e
 
 
+def _validate_data(config: ConfigDict, pipeline) -> None:
+    from mmjax.data import real
+
+    data = config.data
+    if data.channels != 3:
+        raise ConfigError(f"config key 'data.channels' is {data.channels}, but the {data.name} "
+                          "dataset's images are RGB (3 channels)")
+    if data.name in pipeline.PATH_DATASETS:
+        if not data.path:
+            raise ConfigError(f"config key 'data.path' must name the {data.name} dataset's directory "
+                              f"(--config.data.path=DIR)")
+        if not os.path.isdir(data.path):
+            raise ConfigError(f"config key 'data.path': {data.path!r} is not a directory")
+    if data.crop not in ("center", "random"):
+        raise ConfigError(f"config key 'data.crop' must be 'center' or 'random', got {data.crop!r}")
+    try:
+        real.check_caption_template(data.caption_template)
+    except ValueError as e:
+        raise ConfigError(f"config key 'data.caption_template': {e}") from e
+    if not 0.0 < data.test_fraction < 1.0:
+        raise ConfigError(f"config key 'data.test_fraction' must be in (0, 1), got {data.test_fraction}")
+    if not 0.0 <= data.max_bad_fraction <= 1.0:
+        raise ConfigError(f"config key 'data.max_bad_fraction' must be in [0, 1], got {data.max_bad_fraction}")
+    if not isinstance(data.max_image_pixels, int) or data.max_image_pixels <= 0:
+        raise ConfigError(f"config key 'data.max_image_pixels' must be a positive integer, "
+                          f"got {data.max_image_pixels!r}")
+    for key in ("num_train", "num_test"):
+        value = data[key]
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise ConfigError(f"config key 'data.{key}' must be None or a positive integer, got {value!r}")
+    if data.balance not in real.BALANCE_MODES:
+        raise ConfigError(f"config key 'data.balance' must be one of {real.BALANCE_MODES}, got {data.balance!r}")
+    if data.balance and data.name not in pipeline.PATH_DATASETS:
+        raise ConfigError(f"config key 'data.balance': the {data.name} dataset cannot be rebalanced "
+                          f"(only {pipeline.PATH_DATASETS})")
+    words = data.balance_words
+    if not isinstance(words, tuple) or not all(isinstance(w, str) and w.strip() for w in words):
+        raise ConfigError(f"config key 'data.balance_words' must be a tuple of words, got {words!r}")
+    if data.balance == "caption_words" and not words:
+        raise ConfigError("config key 'data.balance_words' must list words when data.balance is "
+                          "'caption_words', e.g. --config.data.balance_words=\"('cat', 'dog')\"")
+    # A model with one classifier head per shapes attribute (the CNN judge) would train on -1
+    # targets from any other dataset; say so now instead of training on garbage.
+    from mmjax import zoo
+
+    variant = zoo.FAMILIES[config.family].variants[config.variant]
+    kwargs = {**getattr(variant, "keywords", {}), **config.model}
+    heads = kwargs.get("head_names", getattr(getattr(variant, "func", variant), "head_names", ()))
+    shapes_heads = [h for h in heads if h in pipeline.LABEL_KEYS]
+    if shapes_heads and data.name != "shapes":
+        raise ConfigError(
+            f"config key 'data.name': family {config.family!r} (variant {config.variant!r}) trains "
+            f"classifier heads on the shapes attributes {tuple(shapes_heads)}, which only the shapes "
+            f"dataset has; {data.name!r} records carry a class 'label' instead")
+
+
 def base_config() -> ConfigDict:
     """Fields every family shares; a family's config file fills in and overrides."""
     c = ConfigDict()
@@ -217,10 +271,20 @@ def base_config() -> ConfigDict:
     c.data.num_test = None
     c.data.max_len = 64
     c.data.worker_count = 0
-    c.data.augment = False
+    c.data.augment = False  # train split: random horizontal flips (shapes captions name left/right)
     # shapes: also train on the held-out (color, shape) pairs. Only the judge does this.
     c.data.heldout_in_train = False
+    # Real data (folder, cifar10, mnist): the directory holding the dataset's files.
     c.data.path = ""
+    c.data.caption_template = "a photo of a {class}"  # captions from class names
+    c.data.crop = "center"  # "center" or "random" (train split; test is always centred)
+    c.data.test_fraction = 0.1  # folder without a test/ folder: share hashed into test
+    c.data.max_bad_fraction = 0.01  # more unreadable images than this stops the run
+    c.data.max_image_pixels = 8192 * 8192  # larger images count as bad (decompression bombs)
+    # Train split only: "" (off), "label" (every class drawn equally often) or
+    # "caption_words" (every word in balance_words equally often, other captions as one group).
+    c.data.balance = ""
+    c.data.balance_words = ()
 
     c.train = ConfigDict()
     c.train.seed = 0

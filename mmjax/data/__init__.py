@@ -1,4 +1,7 @@
 """Datasets, tokenizer and the Grain input pipeline (host-only numpy code)."""
+from mmjax.data.classic import ClassicSource, load_cifar10, load_mnist
+from mmjax.data.decode import BadImageError, decode_image
+from mmjax.data.folder import FolderSource, load_folder
 from mmjax.data.pipeline import (
     SOURCES,
     BatchIterator,
@@ -28,11 +31,14 @@ from mmjax.data.tokenizer import BOS, EOS, PAD, VOCAB_SIZE, ByteTokenizer
 __all__ = [
     "ATTRIBUTES",
     "BOS",
+    "BadImageError",
     "BatchIterator",
     "ByteTokenizer",
     "COLORS",
     "COLOR_NAMES",
+    "ClassicSource",
     "EOS",
+    "FolderSource",
     "HELDOUT_PAIRS",
     "PAD",
     "POSITIONS",
@@ -43,7 +49,11 @@ __all__ = [
     "ShapesSource",
     "VOCAB_SIZE",
     "caption_for",
+    "decode_image",
     "is_heldout",
+    "load_cifar10",
+    "load_folder",
+    "load_mnist",
     "make_batch_dataset",
     "make_batches",
     "make_example",

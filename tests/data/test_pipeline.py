@@ -49,7 +49,8 @@ def _assert_same(a, b):
 def test_batch_format():
     source = ShapesSource(image_size=16, num_records=64)
     batch = next(make_batches(source, global_batch=8, max_len=64, seed=0))
-    assert set(batch) == {"image", "tokens", "shape", "color", "size", "position", "unseen"}
+    assert set(batch) == {"image", "tokens", "shape", "color", "size", "position", "label", "unseen"}
+    assert (batch["label"] == -1).all() and batch["label"].dtype == np.int32  # no single class
     assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.float32
     assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
     assert batch["image"].min() == -1.0  # black background
