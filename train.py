@@ -3,8 +3,11 @@
     python train.py                                              # default config -> runs/default
     python train.py --config configs/vae_shapes.py:tiny --workdir runs/vae --config.optim.lr=1e-3
 
-A workdir with checkpoints is resumed. Multi-host: add --coordinator HOST:PORT
---num-processes N --process-id I (or --distributed to let jax read SLURM/TPU settings).
+A workdir with checkpoints is resumed. SIGTERM (preemption) saves at the next step boundary and
+exits 0. Multi-host: run it on every host with --coordinator HOST:PORT --num-processes N
+--process-id I, or with --distributed where jax detects the job (SLURM, Open MPI, TPU pod
+slices, Kubernetes with jax[k8s]); the workdir must be one shared directory.
+Exit codes: 0 finished or preempted-and-saved, 1 failed, 2 bad setup.
 """
 
 import argparse
@@ -20,11 +23,13 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="path/to/config.py[:variant]")
     parser.add_argument("--workdir", default="runs/default")
     parser.add_argument("--coordinator", help="host:port of process 0 (multi-host)")
-    parser.add_argument("--num-processes", type=int)
-    parser.add_argument("--process-id", type=int)
-    parser.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() from the environment")
+    parser.add_argument("--num-processes", type=int, help="processes in the job (multi-host)")
+    parser.add_argument("--process-id", type=int, help="this process's index, 0 to N-1 (multi-host)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="join the job jax.distributed.initialize() detects (SLURM, TPU pods, ...)")
     args, extra = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: the command line owns the root logger, even where an import configured it first.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
 
     from mmjax import config as config_lib

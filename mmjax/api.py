@@ -202,6 +202,21 @@ class LoadedModel:
             return {}
         return {"guidance": jnp.float32(self.config.sample.guidance if guidance is None else guidance)}
 
+    def invert(self, images, prompts: Sequence[str] | str | None = None, *, steps: int | None = None,
+               lr: float | None = None, plus: bool = True, restarts: int = 8, seed: int = 0):
+        """GAN inversion: the latents that regenerate `images`, found for all images at once.
+
+        -> `({"z": [N, layers, z_dim], "text": [N, text_dim]}, reconstructions uint8)`.
+        `prompts`: the images' captions (one for all, or one each); without them the text
+        vector is optimised too. `steps`/`lr` default to the config's `sample.invert_*`;
+        `plus=False` keeps one z for every layer instead of z+.
+        """
+        x = self._images(images)
+        tokens = None if prompts is None else self._prompts_for(prompts, len(x))
+        fn = self._ability("invert", steps=steps, lr=lr, plus=bool(plus), restarts=int(restarts), seed=int(seed))
+        z, text, recon = jax.device_get(fn(self.params, x, tokens))
+        return {"z": np.asarray(z), "text": np.asarray(text)}, to_uint8(recon)
+
     def reconstruct(self, images, prompts: Sequence[str] | None = None) -> np.ndarray:
         tokens = None if prompts is None else self._tokens(prompts)
         return to_uint8(jax.device_get(self._ability("reconstruct")(self.params, self._images(images), tokens)))

@@ -17,6 +17,7 @@ skipped with a warning and the previous one is tried.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -116,6 +117,18 @@ def _inspect_on_device(state):
     return finite, [_fingerprint(x, jnp) for x in leaves]
 
 
+def state_fingerprint(state) -> str:
+    """A short digest of every leaf's bits, computed where the leaves are (no host copy).
+
+    Equal for two states only when they are bitwise equal, whatever their sharding. In a
+    multi-process job each process digests its own replica: processes that drifted apart
+    show different digests.
+    """
+    _, fingerprints = jax.device_get(_inspect_on_device(state))
+    return hashlib.blake2b(b"".join(np.asarray(f).tobytes() for f in fingerprints),
+                           digest_size=8).hexdigest()
+
+
 def _paths(tree) -> list[str]:
     # `simple` paths read the same for a dataclass field, a dict key or a list index, so a
     # state saved as a flax struct matches the nested dicts restore_numpy gives back.
@@ -145,6 +158,24 @@ def _verify_digests(state, saved: dict, on_device: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _stored_form(state):
+    """What Orbax stores for `state`: a dataclass (the TrainState) becomes a dict of its fields
+    without those that are None. An optional field (`model_state`, which only some families
+    use) then adds nothing to other checkpoints, and checkpoints written before a field
+    existed still restore. Leaf paths read the same either way (see `_paths`)."""
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        values = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+        return {name: value for name, value in values.items() if value is not None}
+    return state
+
+
+def _from_stored(target, stored):
+    """Rebuilds the target's structure (e.g. the TrainState) around a restored stored form."""
+    if dataclasses.is_dataclass(target) and not isinstance(target, type):
+        return dataclasses.replace(target, **{f.name: stored.get(f.name) for f in dataclasses.fields(target)})
+    return stored
 
 
 def _leaf_specs(tree) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -296,7 +327,7 @@ class Checkpointer:
         saved = self._manager.save(
             step,
             args=ocp.args.Composite(**{
-                STATE: ocp.args.StandardSave(state),
+                STATE: ocp.args.StandardSave(_stored_form(state)),
                 CONFIG: ocp.args.JsonSave(config),
                 DATA: ocp.args.JsonSave(data_state),
                 INTEGRITY: ocp.args.JsonSave(integrity),
@@ -330,7 +361,19 @@ class Checkpointer:
         try:
             self.wait()
         finally:
-            self._manager.close()  # Orbax raises a save failure only once, so this is quiet
+            try:
+                self._manager.close()  # Orbax raises a save failure only once, so this is quiet
+            finally:
+                self._remove_unfinished()
+
+    def _remove_unfinished(self) -> None:
+        """A failed save leaves `<step>.orbax-checkpoint-tmp`: never a step, but disk used.
+        Orbax deletes it at the next start; a run that ends here leaves none behind."""
+        if self._read_only or jax.process_index() != 0 or not self.directory.is_dir():
+            return
+        for path in self.directory.glob(f"*{ocp.path.step.TMP_DIR_SUFFIX}*"):
+            shutil.rmtree(path, ignore_errors=True)
+            log.warning("removed %s, left by a save that did not finish", path)
 
     def latest_step(self) -> int | None:
         """The newest step directory Orbax lists; `restore` decides whether it loads."""
@@ -354,17 +397,19 @@ class Checkpointer:
                              "attach the current mesh's shardings (or use restore_numpy)")
         self.wait()
 
+        stored_target = _stored_form(abstract_state)
+
         def load_step(candidate):
-            _check_target(_state_metadata(self._manager, candidate), abstract_state,
+            _check_target(_state_metadata(self._manager, candidate), stored_target,
                           candidate, self.directory)
             out = self._manager.restore(candidate, args=ocp.args.Composite(**{
-                STATE: ocp.args.StandardRestore(abstract_state),
+                STATE: ocp.args.StandardRestore(stored_target),
                 CONFIG: ocp.args.JsonRestore(),
                 DATA: ocp.args.JsonRestore(),
                 INTEGRITY: ocp.args.JsonRestore(),
             }))
             _verify_digests(out[STATE], out[INTEGRITY], on_device=True)
-            return Restored(candidate, out[STATE], out[CONFIG], out[DATA])
+            return Restored(candidate, _from_stored(abstract_state, out[STATE]), out[CONFIG], out[DATA])
 
         restored, damaged = _restore_latest_good(self._manager, self.directory, load_step, step)
         self._set_aside(damaged)

@@ -3,12 +3,14 @@
     python -m mmjax.evaluate --workdir runs/vae --judge runs/judge --num 1000
 
 - classify: attribute accuracy against the true labels (this is how the judge is checked);
-- reconstruct: PSNR of reconstructions of real test images;
+- reconstruct: PSNR/SSIM of reconstructions of real test images (a GAN's by inversion);
 - generate: images from the test captions, judged per attribute the caption names, also on
   the (color, shape) combinations held out of training; FD-judge, KID-judge and k-NN
   precision/recall in the judge's features; with `--clip runs/clip`, the CLIP score;
 - CLIP models: zero-shot accuracy per attribute (also on the unseen combinations) and
-  retrieval recall@1/@5 among `--gallery` test images with full captions.
+  retrieval recall@1/@5 among `--gallery` test images with full captions;
+- edit (`--edits N`): "change the color word" on N test images, judged for the new color and
+  the kept shape and position.
 Prints a table and writes `eval.json` into the workdir (or `--out`), atomically.
 """
 
@@ -128,9 +130,12 @@ def evaluate_inpaint(model, judge, data: dict, num: int, seed: int = 0) -> dict:
 
 
 def evaluate(model, *, judge=None, clip=None, num: int = 1000, batch_size: int = 250, seed: int = 0,
-             generate_options: dict | None = None, edits: int = 0, gallery: int = 256) -> dict:
-    """`edits` > 0 also scores that many prompt edits and inpaintings (diffusion); `clip` (a
-    loaded CLIP model) adds the CLIP score of generated images."""
+             generate_options: dict | None = None, edits: int = 0, gallery: int = 256,
+             reconstructions: int | None = None) -> dict:
+    """`edits` > 0 also scores that many prompt edits and inpaintings (diffusion, GAN); `clip`
+    (a loaded CLIP model) adds the CLIP score of generated images; `reconstructions` caps how
+    many test images are reconstructed (a GAN reconstructs by inversion, an optimisation per
+    image: slow on a CPU)."""
     data = test_split(model.image_size, num)
     results: dict = {"num": num, "step": model.step, "family": model.config.family}
     generate_options = generate_options or {}
@@ -140,10 +145,13 @@ def evaluate(model, *, judge=None, clip=None, num: int = 1000, batch_size: int =
         results["accuracy"] = attribute_accuracy(data["image"], labels, model)
         results["accuracy_unseen"] = attribute_accuracy(data["image"], labels, model, mask=data["unseen"])
     if "reconstruct" in model.abilities:
-        recon = np.concatenate([model.reconstruct(data["image"][i:i + batch_size],
-                                                  data["caption"][i:i + batch_size]) for i in batches])
-        results["psnr"] = float(np.mean(_psnr(recon, data["image"])))
-        results["ssim"] = float(np.mean(ssim(recon, data["image"])))
+        count = num if reconstructions is None else min(num, reconstructions)
+        recon = np.concatenate([model.reconstruct(data["image"][i:min(i + batch_size, count)],
+                                                  data["caption"][i:min(i + batch_size, count)])
+                                for i in range(0, count, batch_size)])
+        results["psnr"] = float(np.mean(_psnr(recon, data["image"][:count])))
+        results["ssim"] = float(np.mean(ssim(recon, data["image"][:count])))
+        results["reconstructed"] = count
     if "zero_shot" in model.abilities:
         results["clip"] = evaluate_clip(model, data, gallery)
     if "generate" in model.abilities and judge is not None:
@@ -239,7 +247,8 @@ def format_table(results: dict) -> str:
             cells = "  ".join(f"{a} {results[key][a]:.3f} (n={results[key][a + '_count']})" for a in ATTRIBUTES)
             lines.append(f"  {key:<26} {cells}")
     if "psnr" in results:
-        lines.append(f"  {'reconstruction PSNR / SSIM':<26} {results['psnr']:.2f} dB / {results['ssim']:.4f}")
+        lines.append(f"  {'reconstruction PSNR / SSIM':<26} {results['psnr']:.2f} dB / {results['ssim']:.4f} "
+                     f"(n={results['reconstructed']})")
     if "clip" in results:
         c = results["clip"]
         for key in ("zero_shot", "zero_shot_unseen"):
@@ -278,7 +287,10 @@ def main(argv=None) -> int:
     parser.add_argument("--gallery", type=int, default=256, help="CLIP: test images to retrieve among")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step", type=int, help="checkpoint step (default: latest good one)")
-    parser.add_argument("--edits", type=int, default=0, help="diffusion: also score this many edits/inpaintings")
+    parser.add_argument("--edits", type=int, default=0,
+                        help="diffusion, GAN: also score this many edits (and inpaintings, diffusion)")
+    parser.add_argument("--reconstructions", type=int,
+                        help="reconstruct only the first N test images (default: all --num; GAN inversion is slow)")
     parser.add_argument("--guidance", type=float, help="diffusion: guidance scale (default: the config's)")
     parser.add_argument("--sampler", help="diffusion: sampler (default: the config's)")
     parser.add_argument("--steps", type=int, help="diffusion: sampling steps (default: the config's)")
@@ -298,7 +310,7 @@ def main(argv=None) -> int:
         if clip is not None and "embed_images" not in clip.abilities:
             raise ValueError(f"--clip {args.clip!r} holds a {clip.config.family!r} model, not a CLIP model")
         results = evaluate(model, judge=judge, clip=clip, num=args.num, seed=args.seed, generate_options=options,
-                           edits=args.edits, gallery=args.gallery)
+                           edits=args.edits, gallery=args.gallery, reconstructions=args.reconstructions)
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"mmjax.evaluate: {e}", file=sys.stderr)
         return 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from mmjax.families import clip, cnn, diffusion, vae
+from mmjax.families import clip, cnn, diffusion, gan, vae
 from mmjax.families.family import Family
 
 FAMILIES: dict[str, Family] = {
@@ -12,6 +12,7 @@ FAMILIES: dict[str, Family] = {
     "vae": vae.FAMILY,
     "diffusion": diffusion.FAMILY,
     "clip": clip.FAMILY,
+    "gan": gan.FAMILY,
 }
 
 

@@ -57,3 +57,15 @@ def clip_run(tmp_path_factory):
                          "train.eval_every=160", "train.checkpoint_every=160", "train.eval_batches=2",
                          "optim.warmup_steps=10")
     return workdir, train(config, workdir)
+
+
+@pytest.fixture(scope="session")
+def gan_run(tmp_path_factory):
+    """A tiny text-conditioned GAN (240 steps, the discriminator at a high learning rate): long
+    enough for its projection head to tell an image's caption from another color's."""
+    from mmjax.train.loop import train
+
+    workdir = str(tmp_path_factory.mktemp("runs") / "gan")
+    config = tiny_config("gan_shapes", "train.num_steps=240", "train.eval_every=240", "train.sample_every=240",
+                         "train.checkpoint_every=240", "loss.r1_every=4", "optim_d.lr=2e-3")
+    return workdir, config, train(config, workdir)

@@ -38,6 +38,11 @@ PRESETS = {
               {"variant": "tiny", "data.image_size": 16, "train.batch_size": 8}),
     "vae64": ("vae_shapes.py", {"variant": "cond_64", "data.image_size": 64, "train.batch_size": 128},
               {"variant": "cond_tiny", "data.image_size": 16, "train.batch_size": 8}),
+    # The GAN's joint G/D step (hinge + mismatch + lazy R1 + augmentation), 64x64.
+    "gan64": ("gan_shapes.py", {"variant": "64", "model.g_widths": (512, 256, 128, 64),
+                                "model.d_widths": (64, 128, 256, 512), "data.image_size": 64,
+                                "train.batch_size": 128},
+              {"variant": "tiny", "data.image_size": 16, "train.batch_size": 8}),
 }
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),

@@ -3,7 +3,8 @@
 A family is a model plus the objective(s) that train it plus what it can do once trained
 (generate, reconstruct, classify ...). Shared code never asks which family it holds: it reads
 this record. A family with two networks (a GAN) lists two objectives, each updating its own
-subtree of the parameters with its own optimizer; the shared step runs them in order.
+subtree of the parameters with its own optimizer; the shared step runs them in order, each
+seeing the parameters and model state the previous one left.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 
 import flax.linen as nn
 
-# (params, batch, rng, step) -> (scalar loss, dict of scalar metrics)
-LossFn = Callable[[Any, Mapping[str, Any], Any, Any], tuple[Any, dict]]
+# (params, batch, rng, step) -> (scalar loss, dict of scalar metrics); a stateful objective
+# takes the model state as a fifth argument and returns (loss, (metrics, new model state)).
+LossFn = Callable[..., tuple[Any, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,13 +26,16 @@ class Objective:
     loss_fn: LossFn
     params_key: str | None = None  # top-level params entry it updates; None = all params
     optim_section: str = "optim"  # config section holding its optimizer settings
+    # Reads and updates the train state's `model_state` (variables no gradient trains:
+    # spectral-norm power-iteration vectors, an adaptive augmentation probability).
+    stateful: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
     name: str
     variants: Mapping[str, Callable[..., nn.Module]]
-    # (model, rng, example_batch, config) -> params
+    # (model, rng, example_batch, config) -> params, or (params, model_state) when `stateful`
     init: Callable[..., Any]
     # (model, config) -> tuple[Objective, ...]
     objectives: Callable[..., tuple[Objective, ...]]
@@ -51,3 +56,6 @@ class Family:
     # (params, config, batches) -> params: at a fresh start only (never on resume), e.g. to
     # load frozen pretrained weights. `batches` yields host training batches.
     prepare: Callable[..., Any] | None = None
+    # The family keeps non-gradient variables in the train state's `model_state` (see
+    # Objective.stateful); they are checkpointed and restored with everything else.
+    stateful: bool = False

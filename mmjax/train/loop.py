@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from mmjax import sharding, zoo
@@ -87,34 +89,69 @@ def setup_compilation_cache(config, workdir: str) -> str | None:
 
 
 class _StopFlag:
-    """SIGTERM (preemption) sets a flag; the loop saves at the next step boundary and exits."""
+    """SIGTERM (preemption) sets a flag; the loop saves at the next step boundary and exits.
+
+    With several processes the signal may reach only some of them, or each at another step,
+    yet all must stop at the same step: a process that saved and left would leave the others
+    waiting forever in the next step's collectives. So every `SYNC_EVERY` steps they
+    all-gather their flags (a tiny collective, which also waits for the steps in flight) and
+    stop together when any is set. One process checks its own flag at every step.
+    """
+
+    SYNC_EVERY = 10
 
     def __init__(self):
         self.requested = False
+        self._installed = False
         self._previous = None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
         return self
 
     def _handle(self, signum, frame):
         log.warning("SIGTERM received: saving at the next step boundary, then exiting")
         self.requested = True
 
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        if step % self.SYNC_EVERY:
+            return False
+        flags = np.asarray(multihost_utils.process_allgather(np.int32(self.requested)))
+        if flags.any():
+            log.warning("all processes stop at step %d (SIGTERM reached process %s)",
+                        step, ", ".join(str(i) for i in np.flatnonzero(flags)))
+        return bool(flags.any())
+
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        # A handler installed outside Python (jax.distributed's preemption notifier) reads
+        # back as None and cannot be reinstated: fall back to the default.
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
 
 
-def _oom_advice(error: Exception) -> Exception:
-    if "RESOURCE_EXHAUSTED" in str(error) or "Out of memory" in str(error):
-        return MemoryError(
-            "out of device memory. Reduce --config.train.batch_size, raise "
-            "--config.train.grad_accum (same global batch, smaller microbatches), or use "
-            f"--config.dtype=bfloat16. Original error: {str(error)[:500]}"
-        )
-    return error
+def _oom_advice(error: Exception, config=None) -> Exception:
+    """Turns XLA's out-of-memory error into a MemoryError that says what to change."""
+    if "RESOURCE_EXHAUSTED" not in str(error) and "Out of memory" not in str(error):
+        return error
+    now = {}
+    if config is not None:
+        per_device = config.train.batch_size // max(1, jax.device_count() * config.train.grad_accum)
+        now = {"batch": f" (now {config.train.batch_size}: microbatches of {per_device} per device)",
+               "accum": f" (now {config.train.grad_accum}; e.g. --config.train.grad_accum="
+                        f"{2 * config.train.grad_accum})",
+               "dtype": f" (now {config.dtype})"}
+    return MemoryError(
+        "out of device memory. Use less memory per device: reduce --config.train.batch_size"
+        f"{now.get('batch', '')}, or raise --config.train.grad_accum{now.get('accum', '')}, which "
+        "keeps the global batch and splits it into smaller microbatches, or compute in "
+        f"--config.dtype=bfloat16{now.get('dtype', '')}. Also check that no other process holds "
+        "device memory (JAX preallocates 75% of a GPU per process; see "
+        f"XLA_PYTHON_CLIENT_MEM_FRACTION). Original error: {str(error)[:500]}"
+    )
 
 
 def train(config, workdir: str, *, stop_at: int | None = None, extra_eval=None) -> RunResult:
@@ -143,9 +180,11 @@ def train(config, workdir: str, *, stop_at: int | None = None, extra_eval=None) 
 
     best = family.best_metric
     writer = MetricWriter(workdir, enabled=is_main)
-    with Checkpointer(workdir, keep_latest=config.train.keep_latest, keep_best=config.train.keep_best,
-                      best_metric=f"eval/{best[0]}" if best else None,
-                      best_mode=best[1] if best else "max") as ckpt, _StopFlag() as stop:
+    # The stop flag outlives the checkpointer: a SIGTERM while close() waits for the last
+    # save must not kill the process mid-write.
+    with _StopFlag() as stop, Checkpointer(
+            workdir, keep_latest=config.train.keep_latest, keep_best=config.train.keep_best,
+            best_metric=f"eval/{best[0]}" if best else None, best_mode=best[1] if best else "max") as ckpt:
         if ckpt.latest_step() is not None:
             check_resume_compatible(ckpt.restore_config(), config_dict)
             restored = ckpt.restore(target)
@@ -219,7 +258,10 @@ def train(config, workdir: str, *, stop_at: int | None = None, extra_eval=None) 
         stopped_early = False
         try:
             while step < end:
-                batch = sharding.to_device(next(train_batches), mesh)
+                local_batch = next(train_batches)
+                if step == start:
+                    _log_data_shard(local_batch, start_batch)
+                batch = sharding.to_device(local_batch, mesh)
                 state, metrics = jitted_step(state, batch)
                 step += 1
                 window_steps += 1
@@ -234,10 +276,10 @@ def train(config, workdir: str, *, stop_at: int | None = None, extra_eval=None) 
                         eval_metrics.update({f"eval/{k}": float(v) for k, v in extra_eval(state.ema_params).items()})
                     writer.write(step, eval_metrics)
                     writer.flush()
-                if preview and is_main and config.train.sample_every and (
+                if preview and config.train.sample_every and (
                         step % config.train.sample_every == 0 or step == end):
                     _write_preview(writer, preview, state.ema_params, eval_batches[0], config, step)
-                if stop.requested:
+                if stop.should_stop(step):
                     stopped_early = True
                     break
                 if step % config.train.checkpoint_every == 0 and step < end:
@@ -246,8 +288,9 @@ def train(config, workdir: str, *, stop_at: int | None = None, extra_eval=None) 
                 save(step, force=True)
             stopped_early = stopped_early or step < config.train.num_steps
         except jax.errors.JaxRuntimeError as e:
-            raise _oom_advice(e) from e
+            raise _oom_advice(e, config) from e
         finally:
+            train_batches.close()  # stops grain's worker processes now, not at interpreter exit
             bar.close()
             writer.close()
     return RunResult(state=state, step=step, last_metrics=last_metrics, eval_metrics=eval_metrics,
@@ -286,10 +329,30 @@ def _run_eval(evaluate, params, batches) -> dict:
     return {f"eval/{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
 
 
+def _to_host(x) -> np.ndarray:
+    """The whole of a global array as numpy; a collective where other processes hold parts."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _log_data_shard(local_batch: dict, first_batch: int) -> None:
+    """One line per process naming the examples it reads first (a short digest of each), so
+    that the shards of a multi-process run can be compared from the logs."""
+    arrays = [a for a in (np.asarray(local_batch[k]) for k in sorted(local_batch)) if a.dtype != object]
+    size = len(arrays[0])
+    digests = [hashlib.blake2b(b"".join(a[i].tobytes() for a in arrays), digest_size=4).hexdigest()
+               for i in range(min(size, 64))]
+    log.info("data shard of process %d/%d: batch %d holds %d examples: %s%s", jax.process_index(),
+             jax.process_count(), first_batch, size, " ".join(digests), " ..." if size > 64 else "")
+
+
 def _write_preview(writer, preview, params, batch, config, step: int) -> None:
-    images = np.asarray(jax.device_get(preview(params, batch, jax.random.key(config.train.seed + 1))))
-    images = to_uint8(images)
-    tokens = np.asarray(jax.device_get(batch["tokens"]))
+    # Every process computes (the batch spans them all); only process 0's writer writes.
+    images = to_uint8(_to_host(preview(params, batch, jax.random.key(config.train.seed + 1))))
+    tokens = _to_host(batch["tokens"])
+    if not writer.enabled:
+        return
     captions = ByteTokenizer(config.data.max_len).decode(tokens)
     # A preview may hold several images per example (input, reconstruction, sample), in that
     # order for each of its first `sample.num` examples: repeat each caption to match.

@@ -20,6 +20,9 @@ class TrainState:
     opt_state: dict[str, Any]  # one entry per objective
     ema_params: Any
     rng: jax.Array  # raw uint32 key data: checkpoints hold plain arrays, never typed keys
+    # Variables no optimizer trains but the objectives update (spectral-norm vectors, an
+    # augmentation probability); {} for most families, which adds no checkpoint leaves.
+    model_state: Any = None
 
 
 def make_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
@@ -84,6 +87,9 @@ def create_state(family, model, config, optimizers: dict[str, optax.GradientTran
     init_key, state_key = jax.random.split(key)
     batch = {k: jnp.asarray(v) for k, v in example_batch(config).items()}
     params = family.init(model, init_key, batch, config)
+    model_state = None
+    if family.stateful:
+        params, model_state = params
     opt_state = {
         obj.name: optimizers[obj.name].init(objective_params(params, obj)) for obj in objectives
     }
@@ -93,4 +99,5 @@ def create_state(family, model, config, optimizers: dict[str, optax.GradientTran
         opt_state=opt_state,
         ema_params=jax.tree.map(jnp.copy, params),
         rng=jax.random.key_data(state_key),
+        model_state=model_state,
     )

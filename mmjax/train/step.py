@@ -38,31 +38,41 @@ def _split_microbatches(batch, grad_accum: int):
     return jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
 
 
-def _grads(objective: Objective, params, batch, key, step, grad_accum: int):
-    """Loss, metrics and gradients of one objective, averaged over `grad_accum` microbatches."""
+def _grads(objective: Objective, params, batch, key, step, grad_accum: int, model_state):
+    """Loss, metrics, gradients (averaged over `grad_accum` microbatches) and the model state
+    after the objective (threaded through the microbatches in order; unchanged unless the
+    objective is stateful)."""
     own = objective_params(params, objective)
 
-    def loss_of(own_params, microbatch, micro_key):
+    def loss_of(own_params, microbatch, micro_key, state_in):
         full = own_params if objective.params_key is None else {**params, objective.params_key: own_params}
-        return objective.loss_fn(full, microbatch, micro_key, step)
+        if objective.stateful:
+            loss, (metrics, state_out) = objective.loss_fn(full, microbatch, micro_key, step, state_in)
+        else:
+            (loss, metrics), state_out = objective.loss_fn(full, microbatch, micro_key, step), state_in
+        return loss, (metrics, state_out)
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
     if grad_accum == 1:
-        (loss, metrics), grads = grad_fn(own, batch, key)
-        return loss, metrics, grads
+        (loss, (metrics, model_state)), grads = grad_fn(own, batch, key, model_state)
+        return loss, metrics, grads, model_state
 
     micro = _split_microbatches(batch, grad_accum)
 
     def body(carry, inputs):
+        total, state_in = carry
         index, microbatch = inputs
-        (loss, metrics), grads = grad_fn(own, microbatch, jax.random.fold_in(key, index))
-        total = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
-        return total, None
+        (loss, (metrics, state_out)), grads = grad_fn(own, microbatch, jax.random.fold_in(key, index), state_in)
+        total = jax.tree.map(jnp.add, total, (loss, metrics, grads))
+        return (total, state_out), None
 
-    (loss0, metrics0), grads0 = jax.eval_shape(grad_fn, own, jax.tree.map(lambda x: x[0], micro), key)
+    (loss0, (metrics0, _)), grads0 = jax.eval_shape(
+        grad_fn, own, jax.tree.map(lambda x: x[0], micro), key, model_state)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss0, metrics0, grads0))
-    (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
-    return jax.tree.map(lambda x: x / grad_accum, (loss, metrics, grads))
+    ((loss, metrics, grads), model_state), _ = jax.lax.scan(
+        body, (zeros, model_state), (jnp.arange(grad_accum), micro))
+    loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum, (loss, metrics, grads))
+    return loss, metrics, grads, model_state
 
 
 def _trained_keys(objectives, params) -> list | None:
@@ -81,17 +91,20 @@ def make_train_step(objectives: tuple[Objective, ...], optimizers: dict[str, opt
         trace_count[0] += 1
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         params, opt_states, metrics = state.params, dict(state.opt_state), {}
+        model_state = state.model_state
         all_ok = jnp.bool_(True)
         for index, objective in enumerate(objectives):
-            loss, aux, grads = _grads(objective, params, batch, jax.random.fold_in(key, index),
-                                      state.step, grad_accum)
+            loss, aux, grads, new_model_state = _grads(objective, params, batch, jax.random.fold_in(key, index),
+                                                       state.step, grad_accum, model_state)
             own = objective_params(params, objective)
             updates, new_opt = optimizers[objective.name].update(grads, opt_states[objective.name], own)
             new_own = optax.apply_updates(own, updates)
             # A non-finite loss, gradient or update must never reach the parameters: keep the
             # old ones, and let the host decide (from `nonfinite`) whether to halt.
             ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_own)
-            new_own, new_opt = keep_if(ok, (new_own, new_opt), (own, opt_states[objective.name]))
+            ok = ok & _all_finite(new_model_state)
+            new_own, new_opt, model_state = keep_if(
+                ok, (new_own, new_opt, new_model_state), (own, opt_states[objective.name], model_state))
             params = new_own if objective.params_key is None else {**params, objective.params_key: new_own}
             opt_states[objective.name] = new_opt
             all_ok &= ok
@@ -114,7 +127,8 @@ def make_train_step(objectives: tuple[Objective, ...], optimizers: dict[str, opt
         if trained is not None:
             ema = {**state.ema_params, **ema}
         metrics["nonfinite"] = jnp.where(all_ok, 0, 1).astype(jnp.int32)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_states, ema_params=ema)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_states, ema_params=ema,
+                                  model_state=model_state)
         return new_state, metrics
 
     train_step.trace_count = trace_count
