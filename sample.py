@@ -11,6 +11,11 @@ Diffusion models also take --mode:
     --mode inpaint     --image IMG --mask MASK.png (white = regenerate) --prompt P
     --mode edit        --image IMG --prompt "its caption" --target-prompt "the edited caption"
     --mode interpolate --prompt A [--prompt B] --seed 0 [--seed-b 1] --num 8
+
+GANs take --mode generate [--truncation 1.5], edit (inverts the image under --prompt, then
+regenerates its latent under --target-prompt; --steps sets the inversion steps), interpolate
+(as above: z slerped, captions blended) and invert:
+    --mode invert      --image IMG [--prompt "its caption"] [--steps 300]   # image | reconstruction
 """
 
 import argparse
@@ -18,7 +23,7 @@ import os
 import sys
 
 PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", "ldm_shapes")
-MODES = ("generate", "img2img", "inpaint", "edit", "interpolate")
+MODES = ("generate", "img2img", "inpaint", "edit", "interpolate", "invert")
 
 
 def _parser():
@@ -43,6 +48,8 @@ def _parser():
     diffusion.add_argument("--mask", help="inpaint: mask image, white (>127) = regenerate")
     diffusion.add_argument("--strength", type=float, default=0.6, help="img2img: noise level in (0, 1]")
     diffusion.add_argument("--target-prompt", help="edit: the caption to edit the image toward")
+    gan = parser.add_argument_group("GAN")
+    gan.add_argument("--truncation", type=float, help="generate/interpolate: truncate z to [-t, t] (0 = off)")
     return parser
 
 
@@ -53,14 +60,14 @@ def main(argv=None) -> int:
         parser.error("--num must be at least 1")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be at least 1")
-    if args.mode in ("img2img", "inpaint", "edit") and not args.image:
+    if args.mode in ("img2img", "inpaint", "edit", "invert") and not args.image:
         parser.error(f"--mode {args.mode} needs --image")
     if args.mode == "inpaint" and not args.mask:
         parser.error("--mode inpaint needs --mask")
     if args.mode == "edit" and not args.target_prompt:
         parser.error("--mode edit needs --target-prompt")
     prompts = args.prompt or []
-    if not prompts and not (args.reconstruct or args.interpolate):
+    if not prompts and not (args.reconstruct or args.interpolate or args.mode == "invert"):
         parser.error("give --prompt (or --reconstruct / --interpolate for autoencoders)")
 
     import numpy as np
@@ -70,7 +77,8 @@ def main(argv=None) -> int:
     from mmjax.images import load_image, save_png
 
     workdir = args.workdir or PRETRAINED
-    options = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps)) if v is not None}
+    options = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("truncation", args.truncation))
+               if v is not None}
     guidance = {} if args.guidance is None else {"guidance": args.guidance}
     try:
         model = api.load(workdir, step=args.step)
@@ -85,6 +93,14 @@ def main(argv=None) -> int:
             out = model.interpolate(a, b, num=args.num, prompt_a=(prompts or [None])[0],
                                     prompt_b=(prompts or [None])[-1])
             grid = api.grid(out, ncols=args.num)
+        elif args.mode == "invert":
+            image = load_image(args.image, size)
+            steps = {"steps": args.steps} if args.steps is not None else {}
+            latents, out = model.invert(image[None], prompts[:1] or None, seed=args.seed, **steps)
+            error = ((out[0].astype(np.float64) - image) / 255.0) ** 2
+            print(f"inversion PSNR {10 * np.log10(1.0 / max(error.mean(), 1e-10)):.2f} dB, "
+                  f"z+ latent {latents['z'].shape[1:]}")
+            grid = api.grid(np.stack([image, out[0]]), ncols=2)
         elif args.mode == "generate":
             out = model.generate(prompts, num=args.num, seed=args.seed, negative_prompt=args.negative_prompt,
                                  **guidance, **options)

@@ -55,6 +55,11 @@ def get_config(arg=None):
     c.sample.invert_lr = 0.05
     c.sample.invert_z_reg = 1e-3
     c.sample.invert_offset_reg = 1e-2
+    # Edits keep the source caption in the stem and the 8x8 block (shape, place) and give the
+    # target caption to the finer blocks (color): measured on runs/gan at step 3,500 (64 test
+    # images), 0 / 1 / 2 / 3 source layers kept the shape in 52 / 47 / 70 / 70% of edits while
+    # the new color fell from 88 / 88 / 81 to 34%.
+    c.sample.edit_source_layers = 2
     if arg == "tiny":
         tiny(c)
         c.variant = "tiny"
@@ -62,6 +67,7 @@ def get_config(arg=None):
         c.model.d_widths = (16, 32)
         c.sample.num = 4
         c.sample.invert_steps = 20
+        c.sample.edit_source_layers = 1
     elif arg == "64":
         c.variant = "64"
         c.model.g_widths = (512, 256, 128, 64)

@@ -57,6 +57,12 @@ class LoadedModel:
         if name not in self.family.abilities:
             raise NotImplementedError(
                 f"the {self.config.family!r} family cannot {name}; it can: {self.abilities}")
+        params = inspect.signature(self.family.abilities[name]).parameters
+        unknown = [k for k in static if k not in params]
+        if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            known = [k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+            raise ValueError(f"the {self.config.family!r} family's {name} takes no option(s) {unknown}; "
+                             f"its options: {known}")
         key = (name, tuple(sorted(static.items())))
         if key not in self._compiled:
             fn = functools.partial(self.family.abilities[name], self.module)

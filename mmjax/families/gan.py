@@ -130,7 +130,7 @@ def _latents(model, rng, n: int, truncation: float | None):
 
 def generate(model, params, config, tokens, rng, *, truncation: float | None = None):
     """One image per row of `tokens` from the EMA generator."""
-    truncation = config.sample.truncation if truncation is None else truncation
+    truncation = config.sample.get("truncation", 0.0) if truncation is None else truncation
     z = _latents(model, rng, tokens.shape[0], truncation or None)
     return _generate(model, params, z, tokens)
 
@@ -162,8 +162,8 @@ def invert(model, params, config, images, tokens=None, *, steps: int | None = No
     (z+), kept small by `sample.invert_offset_reg`; z itself is pulled toward the prior by
     `sample.invert_z_reg`. Each image starts from the best of `restarts` random z.
     """
-    steps = config.sample.invert_steps if steps is None else steps
-    lr = config.sample.invert_lr if lr is None else lr
+    steps = config.sample.get("invert_steps", 300) if steps is None else steps
+    lr = config.sample.get("invert_lr", 0.05) if lr is None else lr
     if steps < 0 or restarts < 1:
         raise ValueError(f"need steps >= 0 and restarts >= 1, got {steps} and {restarts}")
     n, layers, z_dim = images.shape[0], model.num_layers, model.z_dim
@@ -179,7 +179,8 @@ def invert(model, params, config, images, tokens=None, *, steps: int | None = No
     errors = jnp.mean(jnp.square(trial.reshape((restarts, n) + images.shape[1:]) - images[None]), axis=(2, 3, 4))
     z0 = _shard_batch(jnp.take_along_axis(candidates, jnp.argmin(errors, axis=0)[None, :, None], axis=0)[0])
 
-    z_reg, offset_reg = config.sample.invert_z_reg, config.sample.invert_offset_reg
+    z_reg = config.sample.get("invert_z_reg", 1e-3)
+    offset_reg = config.sample.get("invert_offset_reg", 1e-2)
     optimizer = optax.adam(lr)
 
     def compose(latent):
@@ -208,15 +209,33 @@ def invert(model, params, config, images, tokens=None, *, steps: int | None = No
     return z, text, synthesize(model, params, z, text)
 
 
-def reconstruct(model, params, config, images, tokens=None, **options):
-    return invert(model, params, config, images, tokens, **options)[2]
+def reconstruct(model, params, config, images, tokens=None, *, steps: int | None = None, lr: float | None = None,
+                plus: bool = True, restarts: int = 8, seed: int = 0):
+    """Inversion's reconstructions (what `mmjax.evaluate` scores as PSNR/SSIM)."""
+    return invert(model, params, config, images, tokens, steps=steps, lr=lr, plus=plus, restarts=restarts,
+                  seed=seed)[2]
 
 
-def edit(model, params, config, images, source_tokens, target_tokens, **options):
+def edit(model, params, config, images, source_tokens, target_tokens, *, steps: int | None = None,
+         lr: float | None = None, plus: bool = True, restarts: int = 8, seed: int = 0,
+         source_layers: int | None = None):
     """Inverts each image under its caption, then regenerates its latent under the target
-    caption: what the latent holds (shape, place, size) stays, what the text says changes."""
-    z, _, _ = invert(model, params, config, images, source_tokens, **options)
-    return synthesize(model, params, z, encode_text(model, params, config, target_tokens))
+    caption: what the latent holds stays, what the text says changes.
+
+    `source_layers` (default `sample.edit_source_layers`, else half the layers) keeps the source caption in that
+    many of the first, coarse layers (the 4x4 stem, the 8x8 block, ...), where this generator
+    decides shape and place, and gives the target caption to the rest, where the color is
+    painted: 0 regenerates wholly under the target caption.
+    """
+    if source_layers is None:
+        source_layers = config.sample.get("edit_source_layers", model.num_layers // 2)
+    if not 0 <= source_layers < model.num_layers:
+        raise ValueError(f"source_layers must be in [0, {model.num_layers - 1}], got {source_layers}")
+    z, source_text, _ = invert(model, params, config, images, source_tokens, steps=steps, lr=lr, plus=plus,
+                               restarts=restarts, seed=seed)
+    target_text = encode_text(model, params, config, target_tokens)
+    text = jnp.stack([source_text if i < source_layers else target_text for i in range(model.num_layers)], axis=1)
+    return synthesize(model, params, z, text)
 
 
 def encode_latent(model, params, config, images, tokens=None):
@@ -245,7 +264,7 @@ def interpolate_noise(model, params, config, tokens_a, tokens_b, rng_a, rng_b, *
     """`num` images from (prompt a, seed a) to (prompt b, seed b): z slerped, the caption
     vectors blended linearly. Same prompt at both ends walks between latents; same seed,
     between prompts."""
-    truncation = config.sample.truncation if truncation is None else truncation
+    truncation = config.sample.get("truncation", 0.0) if truncation is None else truncation
     za = _latents(model, rng_a, 1, truncation or None)[0]
     zb = _latents(model, rng_b, 1, truncation or None)[0]
     texts = encode_text(model, params, config, jnp.stack([tokens_a, tokens_b]))
@@ -309,6 +328,9 @@ def validate(config):
         raise ValueError(f"config key 'optim_d.lr' must be positive, got {config.optim_d.lr}")
     if config.optim_d.name != "adamw":
         raise ValueError(f"config key 'optim_d.name': unknown optimizer {config.optim_d.name!r}; known: ['adamw']")
+    if not 0 <= config.sample.edit_source_layers < variant.num_layers:
+        raise ValueError(f"config key 'sample.edit_source_layers' must be in [0, {variant.num_layers - 1}] "
+                         f"(the generator has {variant.num_layers} layers), got {config.sample.edit_source_layers}")
     if config.sample.invert_steps < 0:
         raise ValueError(f"config key 'sample.invert_steps' must be >= 0, got {config.sample.invert_steps}")
 

@@ -223,6 +223,9 @@ class Generator(nn.Module):
 
     Also: `encode_text(tokens) -> text [B, text_dim]` and `synthesize(z, text)`, so a caller
     can blend captions (interpolation) or optimise the text vector (inversion without one).
+    Like z, `text` may differ per layer (`[B, num_layers, text_dim]`): an edit can keep the
+    source caption in the early, coarse layers (where shape and place are decided) and give
+    the target caption to the later ones.
     """
 
     widths: tuple[int, ...] = (128, 64, 32)
@@ -264,7 +267,13 @@ class Generator(nn.Module):
             z = jnp.broadcast_to(z[:, None], (z.shape[0], self.num_layers, z.shape[-1]))
         if z.shape[1:] != (self.num_layers, self.z_dim):
             raise ValueError(f"z must be [B, {self.z_dim}] or [B, {self.num_layers}, {self.z_dim}], got {z.shape}")
-        conds = [jnp.concatenate([z[:, i].astype(jnp.float32), text], axis=-1) for i in range(self.num_layers)]
+        if text.ndim == 2:
+            text = jnp.broadcast_to(text[:, None], (text.shape[0], self.num_layers, text.shape[-1]))
+        if text.shape[1] != self.num_layers:
+            raise ValueError(f"text must be [B, {self.text_dim}] or [B, {self.num_layers}, {self.text_dim}], "
+                             f"got {text.shape}")
+        conds = [jnp.concatenate([z[:, i].astype(jnp.float32), text[:, i].astype(jnp.float32)], axis=-1)
+                 for i in range(self.num_layers)]
         h = self.stem(conds[0]).reshape(z.shape[0], 4, 4, self.widths[0])
         resolution = 4
         for i, block in enumerate(self.blocks):

@@ -34,7 +34,7 @@ from mmjax.train.writer import MetricWriter
 log = logging.getLogger("mmjax.train")
 
 # Settings that change what a checkpoint means: resuming across a change of these is refused.
-RESUME_KEYS = ("family", "variant", "model", "dtype", "data.name", "data.image_size",
+RESUME_KEYS = ("family", "variant", "model", "dtype", "data.name", "data.path", "data.image_size",
                "data.max_len", "data.seed", "train.seed", "train.batch_size")
 
 
@@ -178,6 +178,10 @@ def train(config, workdir: str, *, stop_at: int | None = None, extra_eval=None) 
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
     config_dict = json.loads(config.to_json())
 
+    # Built before anything is written: a dataset with too many bad images stops the run here,
+    # without leaving a workdir behind.
+    train_source = pipeline.make_source(config.data, "train")
+
     best = family.best_metric
     writer = MetricWriter(workdir, enabled=is_main)
     # The stop flag outlives the checkpointer: a SIGTERM while close() waits for the last
@@ -201,7 +205,7 @@ def train(config, workdir: str, *, stop_at: int | None = None, extra_eval=None) 
                 f.write(config.to_json(indent=2))
 
         train_batches = pipeline.make_batches(
-            pipeline.make_source(config.data, "train"), global_batch=config.train.batch_size,
+            train_source, global_batch=config.train.batch_size,
             max_len=config.data.max_len, seed=config.data.seed,
             process_index=jax.process_index(), process_count=jax.process_count(),
             start_batch=start_batch, worker_count=config.data.worker_count,

@@ -132,6 +132,8 @@ def test_inversion_recovers_a_known_latent(gan_run):
         params, images=target, tokens=tokens)
     z, text, recon = invert(params, images=target, tokens=tokens)
     assert z.shape == (8, model.num_layers, model.z_dim) and text.shape == (8, model.text_dim)
+    # The eight optimisations ran split over the eight devices, one image each.
+    assert len(z.sharding.device_set) == 8 and not z.sharding.is_fully_replicated
     assert np.median(_psnr(before, target)) < 30
     assert np.min(_psnr(recon, target)) > 35
     assert float(jnp.mean(jnp.square(z[:, 0] - z_star))) < float(jnp.mean(jnp.square(z0[:, 0] - z_star)))
@@ -179,6 +181,11 @@ def test_api_generate_invert_edit_interpolate(gan_run):
 
     edited = model.edit(images, "a red circle", "a green circle", steps=10)
     assert edited.shape == images.shape
+    # Keeping the source caption in the first two layers gives another image than in none.
+    kept = model.edit(images, "a red circle", "a green circle", steps=10, source_layers=2)
+    assert not np.array_equal(kept, edited)
+    with pytest.raises(ValueError, match="source_layers must be in"):
+        model.edit(images, "a red circle", "a green circle", steps=10, source_layers=3)
     path = model.interpolate(prompt_a="a red circle", prompt_b="a blue circle", num=5, seed_a=0, seed_b=1)
     assert path.shape == (5, 16, 16, 3)
     ends = model.generate(["a red circle"], num=1, seed=0)
@@ -186,6 +193,8 @@ def test_api_generate_invert_edit_interpolate(gan_run):
     assert np.abs(path[0].astype(int) - ends[0].astype(int)).max() <= 1
     with pytest.raises(ValueError, match="truncation must be positive"):
         model.generate(["a red circle"], truncation=-1.0)
+    with pytest.raises(ValueError, match=r"takes no option\(s\) \['sampler'\]"):
+        model.generate(["a red circle"], sampler="ddim")
 
 
 def test_clip_guided_edit_runs_on_the_gan(gan_run, clip_run):
@@ -207,6 +216,8 @@ def test_bad_settings_are_named():
         tiny_config("gan_shapes", "loss.r1_every=0")
     with pytest.raises(ConfigError, match="optim_d.lr"):
         tiny_config("gan_shapes", "optim_d.lr=0.0")
+    with pytest.raises(ConfigError, match="sample.edit_source_layers"):
+        tiny_config("gan_shapes", "sample.edit_source_layers=3")
 
 
 def test_evaluate_scores_inversion_and_color_edits(gan_run, cnn_run):
@@ -218,3 +229,23 @@ def test_evaluate_scores_inversion_and_color_edits(gan_run, cnn_run):
     assert results["edit"]["num"] == 8 and 0 <= results["edit"]["color"] <= 1
     assert results["_edited"].shape == (8, 16, 16, 3)
     assert "edit: color word" in format_table(results)
+
+
+def test_sample_cli_invert(gan_run, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from tests.helpers import REPO
+
+    workdir = gan_run[0]
+    image = api.load(workdir).generate(["a red circle"], seed=1)[0]
+    Image.fromarray(image).save(tmp_path / "in.png")
+    env = {**os.environ, "XLA_FLAGS": ""}
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--workdir", workdir, *a],  # noqa: E731
+                                    capture_output=True, text=True, env=env, timeout=300)
+    proc = run("--mode", "invert", "--image", str(tmp_path / "in.png"), "--prompt", "a red circle", "--steps", "20",
+               "--out", str(tmp_path / "inv.png"))
+    assert proc.returncode == 0, proc.stderr
+    assert "inversion PSNR" in proc.stdout and Image.open(tmp_path / "inv.png").size[0] > 32

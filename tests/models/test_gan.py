@@ -44,6 +44,12 @@ def test_z_plus_codes_and_bad_z():
     # conditional norms start at zero, so z moves them once training has moved them.)
     changed = plus.at[:, 0].set(-plus[:, 0])
     assert float(jnp.max(jnp.abs(model.apply(variables, changed, tokens, method=model.generate) - plain))) > 1e-3
+    # A per-layer caption vector: the same in every layer is the plain one.
+    text = model.apply(variables, tokens, method=model.encode_text)
+    per_layer = jnp.broadcast_to(text[:, None], (4, model.num_layers, text.shape[-1]))
+    np.testing.assert_allclose(model.apply(variables, z, per_layer, method=model.synthesize), plain, atol=1e-6)
+    with pytest.raises(ValueError, match="text must be"):
+        model.apply(variables, z, per_layer[:, :2], method=model.synthesize)
     with pytest.raises(ValueError, match="z must be"):
         model.apply(variables, jnp.zeros((4, model.num_layers + 1, 16)), tokens, method=model.generate)
 

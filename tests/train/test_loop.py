@@ -117,3 +117,15 @@ def test_rerun_of_a_finished_run_changes_nothing(vae_run):
     assert again.step == result.step and not again.stopped_early
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(result.state.params),
                  jax.device_get(again.state.params))
+
+
+def test_too_many_bad_images_stop_before_a_workdir_exists(tmp_path):
+    from tests.data.files import bad_file_bytes, class_folder
+
+    class_folder(tmp_path / "data", {"cat": 3, "dog": 3})
+    (tmp_path / "data" / "cat" / "broken.png").write_bytes(bad_file_bytes("truncated_png"))
+    config = tiny_config("vae_shapes", "data.name=folder", f"data.path={tmp_path / 'data'}",
+                         "data.max_bad_fraction=0.0")
+    with pytest.raises(ValueError, match="data.max_bad_fraction"):
+        train(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
