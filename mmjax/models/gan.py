@@ -44,7 +44,6 @@ def spectral_normalize(kernel: jax.Array, u: jax.Array, iterations: int):
     w = kernel.reshape(-1, kernel.shape[-1]).astype(jnp.float32)
     u = jax.lax.stop_gradient(u)
     w_const = jax.lax.stop_gradient(w)
-    v = _normalize(w_const @ u)
     for _ in range(max(iterations, 1)):
         v = _normalize(w_const @ u)
         u = _normalize(w_const.T @ v)
