@@ -5,7 +5,9 @@ Loss: per-pixel squared error plus a KL term normalised per pixel, weighted by `
 `loss.kl_warmup_steps` so that the encoder learns to carry information before the prior pulls
 on it. A caption-conditioned model learns its prior p(z | caption) too (models/prior.py): the KL
 is then to that prior, and generation decodes samples from it, so the caption's words put the
-latent where training images with those words put theirs.
+latent where training images with those words put theirs. With a mixture prior
+(`model.prior_components` > 1) the KL has no closed form and a deterministic upper bound
+takes its place; with one Gaussian it is exact.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.families.family import Family, Objective
+from mmjax.models import prior as prior_lib
 from mmjax.models.vae import VAE, CondVAE64, CondVAESmall, CondVAETiny, VAE64, VAESmall, VAETiny
 
 VARIANTS = {
@@ -43,11 +46,11 @@ def psnr(images, references) -> jax.Array:
     return 10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10))
 
 
-def kl_per_pixel(mean, logvar, num_pixels: int, prior_mean=0.0, prior_logvar=0.0) -> jax.Array:
-    """KL(q || p) of diagonal Gaussians, summed over the latent, averaged over the batch,
-    divided by the number of pixel values so that `beta` does not depend on image size."""
-    kl = 0.5 * (prior_logvar - logvar + (jnp.exp(logvar) + jnp.square(mean - prior_mean)) * jnp.exp(-prior_logvar) - 1.0)
-    return jnp.mean(jnp.sum(kl, axis=tuple(range(1, mean.ndim)))) / num_pixels
+def kl_per_pixel(mean, logvar, prior: dict, num_pixels: int) -> jax.Array:
+    """KL(q || p) summed over the latent (closed form for one Gaussian, an upper bound for a
+    mixture: see models/prior.py), averaged over the batch, divided by the number of pixel
+    values so that `beta` does not depend on image size."""
+    return jnp.mean(prior_lib.kl(mean, logvar, prior)) / num_pixels
 
 
 def objectives(model, config):
@@ -58,8 +61,7 @@ def objectives(model, config):
         recon, aux = model.apply({"params": params}, images, _tokens(model, batch), train=True,
                                  rngs={"noise": rng, "dropout": jax.random.fold_in(rng, 1)})
         mse = jnp.mean(jnp.square(recon.astype(jnp.float32) - images))
-        kl = kl_per_pixel(aux["mean"], aux["logvar"], images[0].size,
-                          aux.get("prior_mean", 0.0), aux.get("prior_logvar", 0.0))
+        kl = kl_per_pixel(aux["mean"], aux["logvar"], aux["prior"], images[0].size)
         kl_weight = beta * jnp.minimum(1.0, (step + 1.0) / max(warmup, 1))
         loss = mse + kl_weight * kl
         return loss, {"mse": mse, "kl": kl, "kl_weight": kl_weight}
@@ -90,12 +92,12 @@ def latent_shape(model, config) -> tuple[int, int, int]:
 
 
 def generate(model, params, config, tokens, rng, temperature: float = 1.0):
-    """One image per row of `tokens`: z from the prior (learned p(z | caption), or N(0, I)),
-    its spread scaled by `temperature`, then decoded."""
+    """One image per row of `tokens`: z from the prior (learned p(z | caption), or N(0, I)):
+    a mixture component by its weight, its spread scaled by `temperature`; then decoded."""
     tokens = _tokens(model, tokens) if model.text is not None else jnp.zeros((tokens.shape[0], 1), jnp.int32)
     shape = latent_shape(model, config)
-    mean, logvar = model.apply({"params": params}, tokens, shape, method=VAE.prior)
-    z = mean + temperature * jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+    prior = model.apply({"params": params}, tokens, shape, method=VAE.prior)
+    z = prior_lib.sample(prior, rng, temperature)
     return jnp.clip(model.apply({"params": params}, z, _tokens(model, tokens), method=VAE.decode), -1, 1)
 
 

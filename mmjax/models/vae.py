@@ -8,7 +8,7 @@ Text conditioning (`text` is a TextEncoder constructor): one TextEncoder, shared
 and decoder, embeds the caption; its pooled vector drives FiLM in *every* ResBlock of both
 halves, and with `cross_attention` both halves also attend to the token context at the lowest
 resolution. Conditioning the encoder too makes this a conditional VAE: the latent only has to
-carry what the caption does not say, so at sampling time `decode(z ~ N(0, I), tokens)` takes
+carry what the caption does not say, so at sampling time `decode(z ~ p(z | caption), tokens)` takes
 colour and shape from the caption.
 
 The decoder output is unbounded (a linear conv, float32), not tanh: the data sits exactly at
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models.layers import Attention, Downsample, Dtype, GroupNorm32, ResBlock, Upsample
-from mmjax.models.prior import TextPrior
+from mmjax.models.prior import TextPrior, standard_normal
 from mmjax.models.text import TextEncoder, TextEncoderTiny
 
 # Keeps exp(logvar) finite and away from exactly zero even when the KL weight is tiny.
@@ -133,7 +133,7 @@ class VAEDecoder(nn.Module):
 class VAE(nn.Module):
     """`__call__(images, tokens=None, sample_posterior=True, train=False) -> (recon, aux)`.
 
-    aux: `mean`, `logvar`, `z` (all float32, latent-shaped). The posterior sample uses the
+    aux: `mean`, `logvar`, `z` (all float32, latent-shaped) and `prior` (see `prior`). The posterior sample uses the
     'noise' rng stream. `tokens` is required iff `text` is set.
     """
 
@@ -147,6 +147,8 @@ class VAE(nn.Module):
     # Learned p(z | caption) (see models/prior.py); needs `text`. Off: the prior is N(0, I).
     learned_prior: bool = False
     prior_hidden: int = 256
+    prior_components: int = 1  # mixture components of the learned prior
+    prior_attention: bool = False  # the prior also reads the caption's tokens by attention
     cross_attention: bool = False
     num_heads: int = 4
     implementation: str | None = None
@@ -172,7 +174,9 @@ class VAE(nn.Module):
         self.text_encoder = None if self.text is None else self.text(**kw)
         if self.learned_prior and self.text is None:
             raise ValueError("learned_prior=True needs a text encoder (text=...)")
-        self.prior_net = TextPrior(self.prior_hidden, **kw) if self.learned_prior else None
+        self.prior_net = (TextPrior(self.prior_hidden, self.prior_components, self.prior_attention,
+                                    num_heads=self.num_heads, **kw)
+                          if self.learned_prior else None)
         self.encoder = VAEEncoder(self.latent_channels, **shared)
         self.decoder = VAEDecoder(self.out_channels, **shared)
 
@@ -204,16 +208,20 @@ class VAE(nn.Module):
             z = mean + jnp.exp(0.5 * logvar) * eps
         recon = self.decoder(z, train=train, **cond)
         aux = {"mean": mean, "logvar": logvar, "z": z}
-        if self.prior_net is not None:
-            aux["prior_mean"], aux["prior_logvar"] = self.prior_net(cond["cond"], mean.shape[1:])
+        aux["prior"] = self._prior(cond, images.shape[0], mean.shape[1:])
         return recon, aux
 
-    def prior(self, tokens, latent_shape: tuple[int, int, int], train: bool = False):
-        """`(mean, logvar)` of p(z | caption), float32; zeros (N(0, I)) without a learned prior."""
+    def _prior(self, cond, batch: int, latent_shape) -> dict:
         if self.prior_net is None:
-            zeros = jnp.zeros((tokens.shape[0],) + tuple(latent_shape), jnp.float32)
-            return zeros, zeros
-        return self.prior_net(self._condition(tokens, train)["cond"], tuple(latent_shape))
+            return standard_normal(batch, latent_shape)
+        return self.prior_net(cond["cond"], tuple(latent_shape), cond["context"], cond["context_mask"])
+
+    def prior(self, tokens, latent_shape: tuple[int, int, int], train: bool = False) -> dict:
+        """p(z | caption) as a mixture (models/prior.py): `mean`, `logvar` `[B, K, *latent_shape]`
+        and `logits` `[B, K]`, float32. Without a learned prior: N(0, I), one component."""
+        if self.prior_net is None:
+            return standard_normal(tokens.shape[0], latent_shape)
+        return self._prior(self._condition(tokens, train), tokens.shape[0], latent_shape)
 
 
 VAETiny = functools.partial(VAE, latent_channels=4, widths=(8, 16), groups=4, num_heads=2)
