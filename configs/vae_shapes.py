@@ -16,11 +16,15 @@ def get_config(arg=None):
     # for sharp reconstructions of one object.
     c.model.widths = (32, 64, 128, 128)
     c.model.latent_channels = 8
+    # p(z | caption): a mixture of 16 Gaussians whose parameters also read the caption's
+    # tokens by attention (see models/prior.py).
+    c.model.prior_components = 16
+    c.model.prior_attention = True
     c.data.max_len = 64
     c.loss.beta = 0.5
     c.loss.kl_warmup_steps = 500
     c.train.batch_size = 64
-    c.train.num_steps = 2000
+    c.train.num_steps = 4000
     c.train.ema_decay = 0.995
     c.train.log_every = 50
     c.train.sample_every = 500
@@ -34,6 +38,7 @@ def get_config(arg=None):
         c.variant = "cond_tiny"
         c.model.widths = (8, 16)
         c.model.latent_channels = 4
+        c.model.prior_components = 2
         c.loss.kl_warmup_steps = 5
         c.sample.num = 4
     elif arg:
