@@ -44,7 +44,8 @@ class TextPrior(nn.Module):
     @nn.compact
     def __call__(self, pooled, latent_shape: tuple[int, ...], context=None, context_mask=None):
         if self.components < 1:
-            raise ValueError(f"TextPrior needs components >= 1, got {self.components}")
+            raise ValueError("the prior needs at least one component (model.prior_components), "
+                             f"got {self.components}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         batch = pooled.shape[0]
         features = pooled.astype(self.dtype)

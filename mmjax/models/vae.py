@@ -133,8 +133,8 @@ class VAEDecoder(nn.Module):
 class VAE(nn.Module):
     """`__call__(images, tokens=None, sample_posterior=True, train=False) -> (recon, aux)`.
 
-    aux: `mean`, `logvar`, `z` (all float32, latent-shaped) and `prior` (see `prior`). The posterior sample uses the
-    'noise' rng stream. `tokens` is required iff `text` is set.
+    aux: `mean`, `logvar`, `z` (all float32, latent-shaped) and `prior` (see `prior`). The
+    posterior sample uses the 'noise' rng stream. `tokens` is required iff `text` is set.
     """
 
     latent_channels: int = 4

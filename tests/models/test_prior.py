@@ -109,3 +109,8 @@ def test_text_prior_layout_and_start():
     np.testing.assert_allclose(padded, a, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="token context"):
         many.apply(variables, pooled, LATENT)
+
+
+def test_zero_components_is_an_error_naming_the_config_key():
+    with pytest.raises(ValueError, match="model.prior_components"):
+        TextPrior(components=0).init(KEY, jnp.zeros((1, 4)), LATENT)
