@@ -20,6 +20,7 @@ import time
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
 from tqdm import tqdm
 
 from mmjax import sharding, zoo
@@ -79,11 +80,18 @@ def check_resume_compatible(saved: dict, current: dict) -> None:
 
 
 def setup_compilation_cache(config, workdir: str) -> str | None:
+    """Points JAX's persistent compilation cache where `train.compilation_cache` says.
+
+    JAX opens its cache once per process, at the first compile, and ignores later changes of
+    directory. A second run in the same process (a notebook, a test session) would keep using
+    the first run's cache, or keep caching when told "off", so a change resets it.
+    """
     setting = config.train.compilation_cache
-    if setting == "off":
-        return None
-    path = setting or os.path.join(os.path.dirname(os.path.abspath(workdir)), ".jax_cache")
-    jax.config.update("jax_compilation_cache_dir", path)
+    path = None if setting == "off" else (
+        setting or os.path.join(os.path.dirname(os.path.abspath(workdir)), ".jax_cache"))
+    if jax.config.jax_compilation_cache_dir != path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        compilation_cache.reset_cache()
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     return path
 

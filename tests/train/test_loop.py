@@ -1,6 +1,7 @@
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -109,6 +110,40 @@ def test_persistent_compilation_cache_is_filled(vae_run):
     workdir, _, _ = vae_run
     cache = os.path.join(os.path.dirname(workdir), ".jax_cache")
     assert os.path.isdir(cache) and os.listdir(cache)
+
+
+def test_each_run_in_a_process_caches_where_its_config_says(tmp_path):
+    from jax.experimental.compilation_cache import compilation_cache
+
+    from mmjax.train.loop import setup_compilation_cache
+
+    def compile_something(k):  # a new function each time, so a new cache entry
+        jax.jit(lambda x: jnp.sin(x) * k).lower(jnp.ones(3)).compile()
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        first = setup_compilation_cache(tiny_config("cnn_shapes", shared_cache=False), str(tmp_path / "a" / "run"))
+        assert first == str(tmp_path / "a" / ".jax_cache")
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        compile_something(1.0)
+        assert os.listdir(first)
+        # A second run elsewhere in the same process: JAX opened its cache at `first` already.
+        second = setup_compilation_cache(tiny_config("cnn_shapes", "train.compilation_cache=" + str(tmp_path / "b")),
+                                         str(tmp_path / "x" / "run"))
+        assert second == str(tmp_path / "b")
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        count = len(os.listdir(first))
+        compile_something(2.0)
+        assert os.listdir(second) and len(os.listdir(first)) == count
+        assert setup_compilation_cache(tiny_config("cnn_shapes", "train.compilation_cache=off"), "run") is None
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        count = len(os.listdir(second))
+        compile_something(3.0)
+        assert len(os.listdir(second)) == count
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        compilation_cache.reset_cache()
 
 
 def test_rerun_of_a_finished_run_changes_nothing(vae_run):
