@@ -1,5 +1,7 @@
 """Test setup: eight fake CPU devices, set before jax is imported anywhere."""
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -8,21 +10,34 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
-from tests.helpers import tiny_config  # noqa: E402
+from tests.helpers import SHARED_CACHE, tiny_config  # noqa: E402
+
+# pytest-xdist's workers inherit the environment, so they share the directory too.
+if SHARED_CACHE not in os.environ:
+    os.environ[SHARED_CACHE] = tempfile.mkdtemp(prefix="mmjax-tests-jax-cache-")
+    _OWN_CACHE = True
+else:
+    _OWN_CACHE = False
 
 
-def _tiny_run(tmp_path_factory, name: str):
+def pytest_sessionfinish(session):
+    if _OWN_CACHE:  # whoever made it: the controller, or a worker started without one
+        shutil.rmtree(os.environ[SHARED_CACHE], ignore_errors=True)
+
+
+def _tiny_run(tmp_path_factory, name: str, **kwargs):
     from mmjax.train.loop import train
 
     workdir = str(tmp_path_factory.mktemp("runs") / name)
-    config = tiny_config(name)
+    config = tiny_config(name, **kwargs)
     return workdir, config, train(config, workdir)
 
 
 @pytest.fixture(scope="session")
 def vae_run(tmp_path_factory):
-    """One tiny text-conditioned VAE run of 20 steps on 8 fake devices, shared by many tests."""
-    return _tiny_run(tmp_path_factory, "vae_shapes")
+    """One tiny text-conditioned VAE run of 20 steps on 8 fake devices, shared by many tests.
+    It keeps the default compilation cache, `<workdir>/../.jax_cache`, which a test checks."""
+    return _tiny_run(tmp_path_factory, "vae_shapes", shared_cache=False)
 
 
 @pytest.fixture(scope="session")
