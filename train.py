@@ -2,6 +2,7 @@
 
     python train.py                                              # default config -> runs/default
     python train.py --config configs/vae_shapes.py:tiny --workdir runs/vae --config.optim.lr=1e-3
+    python train.py ... -v                                       # also JAX/Orbax/Grain INFO lines
 
 A workdir with checkpoints is resumed. SIGTERM (preemption) saves at the next step boundary and
 exits 0. Multi-host: run it on every host with --coordinator HOST:PORT --num-processes N
@@ -11,7 +12,6 @@ Exit codes: 0 finished or preempted-and-saved, 1 failed, 2 bad setup.
 """
 
 import argparse
-import logging
 import os
 import sys
 
@@ -27,10 +27,11 @@ def main(argv=None) -> int:
     parser.add_argument("--process-id", type=int, help="this process's index, 0 to N-1 (multi-host)")
     parser.add_argument("--distributed", action="store_true",
                         help="join the job jax.distributed.initialize() detects (SLURM, TPU pods, ...)")
+    from mmjax import logs
+
+    logs.add_verbose_flag(parser)
     args, extra = parser.parse_known_args(argv)
-    # force: the command line owns the root logger, even where an import configured it first.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
+    logs.setup_logging(args.verbose)
 
     from mmjax import config as config_lib
 

@@ -7,6 +7,7 @@ written past an unnoticed non-finite loss).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -77,6 +78,50 @@ def check_resume_compatible(saved: dict, current: dict) -> None:
             + "\n".join(diffs)
             + "\nUse a new --workdir, or restore the original settings."
         )
+
+
+class TrainClock:
+    """Seconds spent training, so that the images/s a user sees is the training rate.
+
+    Evaluation, previews, checkpoints, metric writing and the first step's compile run inside
+    `paused()`. The device runs behind the host, so the loop waits for the steps in flight
+    before it pauses the clock or reads a lap: their time counts as training.
+    """
+
+    def __init__(self, now=time.perf_counter):
+        self._now = now
+        self._since = now()  # when the clock last started running
+        self._banked = 0.0  # training seconds since the last lap, up to `_since`
+        self._depth = 0  # nested pauses (a save pauses, and so does the flush inside it)
+
+    def lap(self) -> float:
+        """Training seconds since the previous lap (or since the clock was made)."""
+        now = self._now()
+        seconds = self._banked + (now - self._since if self._depth == 0 else 0.0)
+        self._banked, self._since = 0.0, now
+        return seconds
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside is not training; yields a `Span` whose `seconds` is set on exit."""
+        start = self._now()
+        if self._depth == 0:
+            self._banked += start - self._since
+        self._depth += 1
+        span = Span()
+        try:
+            yield span
+        finally:
+            end = self._now()
+            span.seconds = end - start
+            self._depth -= 1
+            if self._depth == 0:
+                self._since = end
+
+
+@dataclasses.dataclass
+class Span:
+    seconds: float = 0.0
 
 
 def setup_compilation_cache(config, workdir: str) -> str | None:
@@ -230,31 +275,44 @@ def train(config, workdir: str, *, stop_at: int | None = None, extra_eval=None) 
                    if family.preview else None)
 
         end = config.train.num_steps if stop_at is None else min(stop_at, config.train.num_steps)
+        # No tqdm rate: its steps/s counts evaluation and saving; img_s in the postfix does not.
         bar = tqdm(total=config.train.num_steps, initial=start, disable=not (is_main and config.train.progress),
-                   dynamic_ncols=True, desc="train")
+                   dynamic_ncols=True, desc="train", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
+                   "[{elapsed}<{remaining}{postfix}]")
         pending: list[tuple[int, dict]] = []
         nonfinite_steps: list[int] = []
         last_metrics, eval_metrics = {}, {}
-        window_start, window_steps = time.perf_counter(), 0
+        clock, window_steps = TrainClock(), 0  # steps since the last flush, not counting the first
+        first_calls = {"eval", "preview", "save"}  # jitted on first use: that line says it compiled
+
+        def report(at: int, what: str, span: Span, first_call_of: str = ""):
+            """A line above the progress bar for host work outside training, with its time."""
+            compiled = first_call_of in first_calls
+            first_calls.discard(first_call_of)
+            if is_main:
+                log.info("step %d: %s (%.1f s%s)", at, what, span.seconds, ", compiling included" if compiled else "")
 
         def flush_metrics():
-            nonlocal last_metrics, window_start, window_steps
+            nonlocal last_metrics, window_steps
             if not pending:
                 return
-            host = jax.device_get([m for _, m in pending])
-            elapsed = time.perf_counter() - window_start
-            throughput = window_steps * config.train.batch_size / max(elapsed, 1e-9)
-            for (at, _), values in zip(pending, host):
-                if values["nonfinite"]:
-                    nonfinite_steps.append(at)
-                writer.write(at, values, tensorboard=False)
-            last_metrics = {**host[-1], "images_per_sec": throughput}
-            writer.write(pending[-1][0], {"train/" + k: v for k, v in last_metrics.items()})
-            writer.flush()
-            bar.set_postfix(loss=f"{float(np.mean([h['loss'] for h in host if 'loss' in h] or [0])):.4f}",
-                            img_s=f"{throughput:.0f}")
+            host = jax.device_get([m for _, m in pending])  # waits for the steps in flight
+            seconds = clock.lap()
+            with clock.paused():
+                last_metrics = dict(host[-1])
+                postfix = {"loss": f"{float(np.mean([h['loss'] for h in host if 'loss' in h] or [0])):.4f}"}
+                if window_steps:
+                    last_metrics["images_per_sec"] = window_steps * config.train.batch_size / max(seconds, 1e-9)
+                    postfix["img_s"] = f"{last_metrics['images_per_sec']:.0f}"
+                for (at, _), values in zip(pending, host):
+                    if values["nonfinite"]:
+                        nonfinite_steps.append(at)
+                    writer.write(at, values, tensorboard=False)
+                writer.write(pending[-1][0], {"train/" + k: v for k, v in last_metrics.items()})
+                writer.flush()
+                bar.set_postfix(postfix)
             pending.clear()
-            window_start, window_steps = time.perf_counter(), 0
+            window_steps = 0
             if len(nonfinite_steps) > config.train.max_nonfinite:
                 raise NonFiniteLossError(
                     f"non-finite loss or gradients at {len(nonfinite_steps)} step(s), steps "
@@ -263,8 +321,11 @@ def train(config, workdir: str, *, stop_at: int | None = None, extra_eval=None) 
 
         def save(at: int, force: bool = False):
             flush_metrics()
-            ckpt.save(at, state, config=config_dict, data_state=train_batches.get_state() | {"next_batch": at},
-                      metrics=eval_metrics or None, force=force)
+            with clock.paused() as span:
+                saved = ckpt.save(at, state, config=config_dict, metrics=eval_metrics or None, force=force,
+                                  data_state=train_batches.get_state() | {"next_batch": at})
+            if saved:
+                report(at, "saved checkpoint", span, "save")
 
         step = start
         stopped_early = False
@@ -276,21 +337,36 @@ def train(config, workdir: str, *, stop_at: int | None = None, extra_eval=None) 
                 batch = sharding.to_device(local_batch, mesh)
                 state, metrics = jitted_step(state, batch)
                 step += 1
-                window_steps += 1
                 pending.append((step, metrics))
+                if step == start + 1:
+                    # The first step compiles (or loads from the cache): timed alone, kept out
+                    # of the rate. One wait for the device, once per run.
+                    jax.block_until_ready(metrics)
+                    seconds = clock.lap()
+                    if is_main:
+                        log.info("step %d: compiled the train step and ran it (%.1f s)", step, seconds)
+                else:
+                    window_steps += 1
                 bar.update(1)
                 if step % config.train.log_every == 0:
                     flush_metrics()
                 if (evaluate or extra_eval) and config.train.eval_every and (
                         step % config.train.eval_every == 0 or step == end):
-                    eval_metrics = _run_eval(evaluate, state.ema_params, eval_batches) if evaluate else {}
-                    if extra_eval:
-                        eval_metrics.update({f"eval/{k}": float(v) for k, v in extra_eval(state.ema_params).items()})
-                    writer.write(step, eval_metrics)
-                    writer.flush()
+                    jax.block_until_ready(metrics)  # the steps in flight are training time
+                    with clock.paused() as span:
+                        eval_metrics = _run_eval(evaluate, state.ema_params, eval_batches) if evaluate else {}
+                        if extra_eval:
+                            eval_metrics.update(
+                                {f"eval/{k}": float(v) for k, v in extra_eval(state.ema_params).items()})
+                        writer.write(step, eval_metrics)
+                        writer.flush()
+                    report(step, "eval " + _format_metrics(eval_metrics), span, "eval")
                 if preview and config.train.sample_every and (
                         step % config.train.sample_every == 0 or step == end):
-                    _write_preview(writer, preview, state.ema_params, eval_batches[0], config, step)
+                    jax.block_until_ready(metrics)
+                    with clock.paused() as span:
+                        path = _write_preview(writer, preview, state.ema_params, eval_batches[0], config, step)
+                    report(step, f"preview {path}", span, "preview")
                 if stop.should_stop(step):
                     stopped_early = True
                     break
@@ -336,6 +412,10 @@ def _eval_batches(config, mesh) -> list[dict]:
     return out
 
 
+def _format_metrics(metrics: dict) -> str:
+    return " ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in sorted(metrics.items()))
+
+
 def _run_eval(evaluate, params, batches) -> dict:
     results = jax.device_get([evaluate(params, b) for b in batches])
     return {f"eval/{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
@@ -359,12 +439,13 @@ def _log_data_shard(local_batch: dict, first_batch: int) -> None:
              jax.process_count(), first_batch, size, " ".join(digests), " ..." if size > 64 else "")
 
 
-def _write_preview(writer, preview, params, batch, config, step: int) -> None:
+def _write_preview(writer, preview, params, batch, config, step: int) -> str | None:
+    """Writes the preview grid; returns its path (None where this process does not write)."""
     # Every process computes (the batch spans them all); only process 0's writer writes.
     images = to_uint8(_to_host(preview(params, batch, jax.random.key(config.train.seed + 1))))
     tokens = _to_host(batch["tokens"])
     if not writer.enabled:
-        return
+        return None
     captions = ByteTokenizer(config.data.max_len).decode(tokens)
     # A preview may hold several images per example (input, reconstruction, sample), in that
     # order for each of its first `sample.num` examples: repeat each caption to match.
@@ -372,4 +453,4 @@ def _write_preview(writer, preview, params, batch, config, step: int) -> None:
     captions = [c for c in captions[: len(images) // per] for _ in range(per)]
     grid = make_grid(images, captions=captions if len(captions) == len(images) else None,
                      ncols=min(8, len(images)))
-    writer.write_image(step, "preview", np.asarray(grid))
+    return writer.write_image(step, "preview", np.asarray(grid))

@@ -33,7 +33,7 @@ def init_distributed(args) -> None:
     prefix = f"[process {jax.process_index()}/{jax.process_count()}] "
     for handler in logging.getLogger().handlers:
         fmt = getattr(handler.formatter, "_fmt", None) or "%(levelname)s %(name)s: %(message)s"
-        handler.setFormatter(logging.Formatter(prefix + fmt))
+        handler.setFormatter(logging.Formatter(prefix + fmt, getattr(handler.formatter, "datefmt", None)))
     log.info("process %d of %d joined", jax.process_index(), jax.process_count())
 
 

@@ -1,3 +1,4 @@
+import json
 import os
 
 import jax
@@ -70,6 +71,7 @@ def test_indivisible_batch_fails_before_anything_is_written(tmp_path):
     assert not workdir.exists()
 
 
+@pytest.mark.e2e
 def test_nonfinite_loss_halts_and_no_nonfinite_checkpoint(tmp_path):
     workdir = str(tmp_path / "nan")
     config = tiny_config("cnn_shapes", "optim.lr=1e38", "optim.grad_clip=0.0", "optim.warmup_steps=0",
@@ -164,3 +166,15 @@ def test_too_many_bad_images_stop_before_a_workdir_exists(tmp_path):
     with pytest.raises(ValueError, match="data.max_bad_fraction"):
         train(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_training_rate_is_written_for_every_interval(vae_run):
+    workdir, config, _ = vae_run
+    rates = {}
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        for row in map(json.loads, f):
+            if "train/images_per_sec" in row:
+                rates[row["step"]] = row["train/images_per_sec"]
+    log_every = config.train.log_every
+    assert sorted(rates) == list(range(log_every, config.train.num_steps + 1, log_every))
+    assert all(rate > 0 for rate in rates.values())
