@@ -212,6 +212,11 @@ def _validate_data(config: ConfigDict, pipeline) -> None:
             raise ConfigError(f"config key 'data.path': {data.path!r} is not a directory")
     if data.crop not in ("center", "random"):
         raise ConfigError(f"config key 'data.crop' must be 'center' or 'random', got {data.crop!r}")
+    from mmjax.data import shapes
+
+    if data.captions not in shapes.CAPTION_STYLES:
+        raise ConfigError(f"config key 'data.captions' must be one of {shapes.CAPTION_STYLES}, "
+                          f"got {data.captions!r}")
     try:
         real.check_caption_template(data.caption_template)
     except ValueError as e:
@@ -274,6 +279,9 @@ def base_config() -> ConfigDict:
     c.data.augment = False  # train split: random horizontal flips (shapes captions name left/right)
     # shapes: also train on the held-out (color, shape) pairs. Only the judge does this.
     c.data.heldout_in_train = False
+    # shapes captions: "grammar" (many phrasings, some held out of training: mmjax/data/captions.py)
+    # or "templates" (the seven fixed templates, which a saved config without this key used).
+    c.data.captions = "grammar"
     # Real data (folder, cifar10, mnist): the directory holding the dataset's files.
     c.data.path = ""
     c.data.caption_template = "a photo of a {class}"  # captions from class names

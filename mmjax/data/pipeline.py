@@ -21,7 +21,7 @@ import numpy as np
 
 from mmjax.data import classic, folder, real
 from mmjax.data.decode import random_square_crop
-from mmjax.data.shapes import ShapesSource
+from mmjax.data.shapes import ShapesSource, caption_style
 from mmjax.data.tokenizer import ByteTokenizer, encode_texts
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ def _make_shapes(data_cfg: Any, split: str) -> RandomAccessSource:
         split=split, image_size=data_cfg.image_size, seed=data_cfg.seed,
         num_records=_num_records(data_cfg, split),
         heldout_in_train=getattr(data_cfg, "heldout_in_train", False),
+        captions=caption_style(data_cfg),
     )
 
 

@@ -7,6 +7,11 @@ lets evaluation score a generator by classifying its images against the prompt's
 Compositional hold-out: the (color, shape) pairs in `HELDOUT_PAIRS` never occur in the
 train split; the test split contains them and flags them with `unseen=True`, so a model can
 be tested on combinations of attributes it only ever saw separately.
+
+Captions come from one of two styles (`data.captions`): "grammar", the caption grammar of
+`mmjax.data.captions` (many phrasings; some, the held-out phrasings, occur only in the test split,
+which flags them with `heldout_phrasing=True`), or "templates", the seven fixed templates below,
+which every model trained before the grammar existed saw.
 """
 from __future__ import annotations
 
@@ -47,6 +52,12 @@ DEFAULT_NUM_RECORDS = {"train": 100_000, "test": 2_000}
 # Test records use their own index range, so no test record shares a train random stream.
 SPLIT_OFFSETS = {"train": 0, "test": 2**30}
 INCLUDE_PROBABILITY = 0.7
+CAPTION_STYLES = ("grammar", "templates")
+DEFAULT_CAPTIONS = "grammar"
+# A saved config without `data.captions` predates the grammar: its model saw the templates.
+ABSENT_CAPTIONS = "templates"
+# Grammar test split: the share of records phrased with a held-out construction.
+TEST_HELDOUT_PHRASING_SHARE = 0.25
 
 _HELDOUT_IDS = frozenset(
     (COLOR_NAMES.index(color), SHAPES.index(shape)) for color, shape in HELDOUT_PAIRS
@@ -68,6 +79,20 @@ def attribute_id(attribute: str, value: int | str) -> int:
 
 def is_heldout(color: int | str, shape: int | str) -> bool:
     return (attribute_id("color", color), attribute_id("shape", shape)) in _HELDOUT_IDS
+
+
+def check_captions(captions: str) -> str:
+    if captions not in CAPTION_STYLES:
+        raise ValueError(f"shapes captions must be one of {CAPTION_STYLES}, got {captions!r}")
+    return captions
+
+
+def caption_style(data_cfg) -> str:
+    """`data.captions` of a config, current or saved; absent means a config saved before the key
+    existed, whose model was trained on the templates."""
+    if hasattr(data_cfg, "get"):  # a ConfigDict or a dict read from a saved config.json
+        return data_cfg.get("captions", ABSENT_CAPTIONS)
+    return getattr(data_cfg, "captions", ABSENT_CAPTIONS)
 
 
 def check_image_size(image_size: int) -> int:
@@ -298,17 +323,37 @@ def make_example(
     *,
     include_size: bool | None = None,
     include_position: bool | None = None,
+    captions: str = DEFAULT_CAPTIONS,
+    heldout_phrasing_share: float = 0.0,
 ) -> dict:
-    """Renders a record for given labels; jitter and caption choices come from `rng`."""
+    """Renders a record for given labels; jitter and caption choices come from `rng`, the
+    caption last, so a record's image does not depend on the caption style.
+
+    With `captions="grammar"` the caption is phrased with a held-out construction with
+    probability `heldout_phrasing_share` (always drawn, so the other records' captions do not
+    depend on the share); `phrasing` names the grammar's rules ("templates" otherwise).
+    """
     ids = {a: attribute_id(a, labels[a]) for a in ATTRIBUTES}
     center = sample_center(ids["position"], ids["size"], image_size, rng)
     image = render(ids["shape"], ids["color"], ids["size"], center, image_size)
-    caption = caption_for(
-        ids, rng, include_size=include_size, include_position=include_position
-    )
+    if check_captions(captions) == "grammar":
+        from mmjax.data import captions as grammar  # captions imports this module
+
+        heldout = bool(rng.random() < heldout_phrasing_share)
+        drawn = grammar.caption(ids, rng, include_size=include_size, include_position=include_position,
+                                heldout=heldout)
+        caption, phrasing = drawn.text, " ".join(drawn.rules)
+    else:
+        if heldout_phrasing_share:
+            raise ValueError("the templates captions have no held-out phrasings; heldout_phrasing_share "
+                             "needs captions='grammar'")
+        caption = caption_for(ids, rng, include_size=include_size, include_position=include_position)
+        heldout, phrasing = False, "templates"
     record = {"image": image, "caption": caption}
     record.update({a: np.int32(v) for a, v in ids.items()})
     record["unseen"] = is_heldout(ids["color"], ids["shape"])
+    record["heldout_phrasing"] = heldout
+    record["phrasing"] = phrasing
     return record
 
 
@@ -318,8 +363,14 @@ def record_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 class ShapesSource:
     """Grain random-access source: `len(source)` records, `source[i]` is a dict with
-    `image` uint8 [S, S, 3], `caption` str, `shape`/`color`/`size`/`position` np.int32 and
-    `unseen` bool. Picklable and stateless, so grain worker processes can share it."""
+    `image` uint8 [S, S, 3], `caption` str, `shape`/`color`/`size`/`position` np.int32,
+    `unseen` bool (a held-out color-shape pair), `heldout_phrasing` bool (a held-out
+    construction of the caption grammar) and `phrasing` str (the grammar's rules, or
+    "templates"). Picklable and stateless, so grain worker processes can share it.
+
+    `captions`: "grammar" or "templates" (see the module docstring). `heldout_phrasing_share`:
+    the test split's share of held-out phrasings (grammar only; default
+    TEST_HELDOUT_PHRASING_SHARE); the train split never has any."""
 
     def __init__(
         self,
@@ -328,6 +379,8 @@ class ShapesSource:
         seed: int = 0,
         num_records: int | None = None,
         heldout_in_train: bool = False,
+        captions: str = DEFAULT_CAPTIONS,
+        heldout_phrasing_share: float | None = None,
     ):
         if split not in SPLIT_OFFSETS:
             raise ValueError(
@@ -342,6 +395,18 @@ class ShapesSource:
         # Beyond 2**30 train indices would run into the test range.
         if not 0 < self.num_records <= 2**30:
             raise ValueError(f"num_records must be in [1, 2**30], got {num_records}")
+        self.captions = check_captions(captions)
+        if heldout_phrasing_share is None:
+            heldout_phrasing_share = TEST_HELDOUT_PHRASING_SHARE if (
+                split == "test" and captions == "grammar") else 0.0
+        if not 0.0 <= heldout_phrasing_share <= 1.0:
+            raise ValueError(f"heldout_phrasing_share must be in [0, 1], got {heldout_phrasing_share}")
+        if heldout_phrasing_share and split == "train":
+            raise ValueError("held-out phrasings never occur in the train split (heldout_phrasing_share > 0)")
+        if heldout_phrasing_share and captions != "grammar":
+            raise ValueError("the templates captions have no held-out phrasings; heldout_phrasing_share "
+                             "needs captions='grammar'")
+        self.heldout_phrasing_share = float(heldout_phrasing_share)
 
     def __len__(self) -> int:
         return self.num_records
@@ -352,12 +417,13 @@ class ShapesSource:
             raise IndexError(f"index {index} out of range for {len(self)} {self.split} records")
         rng = record_rng(self.seed, self.split, index)
         labels = sample_labels(rng, allow_heldout=self.split != "train" or self.heldout_in_train)
-        return make_example(labels, rng, self.image_size)
+        return make_example(labels, rng, self.image_size, captions=self.captions,
+                            heldout_phrasing_share=self.heldout_phrasing_share)
 
     def __repr__(self) -> str:
         return (
             f"ShapesSource(split={self.split!r}, image_size={self.image_size}, "
-            f"seed={self.seed}, num_records={self.num_records})"
+            f"seed={self.seed}, num_records={self.num_records}, captions={self.captions!r})"
         )
 
 

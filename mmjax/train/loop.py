@@ -37,7 +37,9 @@ log = logging.getLogger("mmjax.train")
 
 # Settings that change what a checkpoint means: resuming across a change of these is refused.
 RESUME_KEYS = ("family", "variant", "model", "dtype", "data.name", "data.path", "data.image_size",
-               "data.max_len", "data.seed", "train.seed", "train.batch_size")
+               "data.max_len", "data.seed", "data.captions", "train.seed", "train.batch_size")
+# What a key absent from a checkpoint's config meant: it was saved before the key existed.
+RESUME_ABSENT = {"data.captions": "templates"}  # see shapes.caption_style
 
 
 class NonFiniteLossError(RuntimeError):
@@ -69,7 +71,8 @@ def _lookup(tree: dict, dotted: str):
 def check_resume_compatible(saved: dict, current: dict) -> None:
     diffs = []
     for key in RESUME_KEYS:
-        old, new = _lookup(saved, key), _lookup(current, key)
+        old, new = (RESUME_ABSENT.get(key, v) if v == "<absent>" else v
+                    for v in (_lookup(saved, key), _lookup(current, key)))
         if json.dumps(old, sort_keys=True) != json.dumps(new, sort_keys=True):
             diffs.append(f"  {key}: checkpoint has {old!r}, config has {new!r}")
     if diffs:

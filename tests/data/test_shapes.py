@@ -124,10 +124,12 @@ def test_invalid_image_size(bad):
 def test_record_format_and_determinism():
     a, b = ShapesSource(seed=5), ShapesSource(seed=5)
     r = a[7]
-    assert set(r) == {"image", "caption", "shape", "color", "size", "position", "unseen"}
+    assert set(r) == {"image", "caption", "shape", "color", "size", "position", "unseen",
+                      "heldout_phrasing", "phrasing"}
     for key in ("shape", "color", "size", "position"):
         assert isinstance(r[key], np.int32)
     assert isinstance(r["caption"], str) and isinstance(r["unseen"], bool)
+    assert isinstance(r["heldout_phrasing"], bool) and isinstance(r["phrasing"], str)
     assert r["image"].tobytes() == b[7]["image"].tobytes() and r["caption"] == b[7]["caption"]
     assert r["image"].tobytes() != a[8]["image"].tobytes()
     assert r["image"].tobytes() != ShapesSource(seed=6)[7]["image"].tobytes()
@@ -171,12 +173,14 @@ def test_train_and_test_are_disjoint():
         ShapesSource("train", num_records=2**30 + 1)
 
 
-def test_captions_name_their_labels():
-    source = ShapesSource("test", image_size=16, num_records=300)
+@pytest.mark.parametrize("captions", ["grammar", "templates"])
+def test_captions_name_their_labels(captions):
+    source = ShapesSource("test", image_size=16, num_records=300, captions=captions)
     for i in range(len(source)):
         r = source[i]
         parsed = parse_caption(r["caption"])
-        assert COLOR_NAMES[r["color"]] in r["caption"] and SHAPES[r["shape"]] in r["caption"]
+        words = re.findall(r"[a-z]+", r["caption"].lower())
+        assert COLOR_NAMES[r["color"]] in words and SHAPES[r["shape"]] in words
         assert parsed["color"] == r["color"] and parsed["shape"] == r["shape"]
         for key in ("size", "position"):
             assert parsed[key] in (None, r[key])
@@ -257,3 +261,57 @@ def test_heldout_in_train_option_includes_the_pairs():
     source = ShapesSource("train", image_size=16, heldout_in_train=True)
     seen = {(COLOR_NAMES[int(r["color"])], SHAPES[int(r["shape"])]) for r in (source[i] for i in range(400))}
     assert set(map(tuple, HELDOUT_PAIRS)) <= seen
+
+
+# Recorded from the code before the caption grammar existed (16-pixel images, sha1 prefixes):
+# captions="templates" must reproduce every old record byte for byte, as the shipped
+# pretrained/ldm_shapes and any older workdir were trained on these.
+OLD_TEMPLATE_RECORDS = [
+    ("train", 0, 0, "purple circle at the top left", "03ddd7c55b8a"),
+    ("train", 0, 1, "white square, small", "9e8291176762"),
+    ("train", 0, 2, "small white circle on the left", "352284f2a202"),
+    ("train", 0, 3, "white triangle, large, top right", "6d1b423946c5"),
+    ("train", 0, 4, "at the top right, a yellow triangle", "96082e2e8f3f"),
+    ("train", 0, 5, "orange square, large, center", "b954a85ca1e3"),
+    ("train", 0, 6, "at the top, a large yellow square", "3def977a1e55"),
+    ("train", 0, 7, "a cyan circle", "db1137909e13"),
+    ("test", 0, 0, "a large green triangle at the top right", "52f30f8baa2e"),
+    ("test", 0, 1, "a picture of a small yellow square in the center", "ffd1b429be45"),
+    ("test", 0, 2, "small green circle at the top", "12986dd5a155"),
+    ("test", 0, 3, "at the top, a large blue square", "a88c97db19e5"),
+    ("train", 3, 100, "a red triangle in the center", "db281e8d6466"),
+    ("train", 3, 12345, "a large cyan triangle at the bottom left", "2b7dbb476242"),
+]
+
+
+def test_templates_style_reproduces_the_old_records():
+    import hashlib
+
+    for split, seed, index, caption, image_sha1 in OLD_TEMPLATE_RECORDS:
+        r = ShapesSource(split, image_size=16, seed=seed, captions="templates")[index]
+        assert r["caption"] == caption
+        assert hashlib.sha1(r["image"].tobytes()).hexdigest()[:12] == image_sha1
+        assert r["heldout_phrasing"] is False and r["phrasing"] == "templates"
+        # The grammar draws the caption last: the same image and labels, another caption.
+        g = ShapesSource(split, image_size=16, seed=seed, captions="grammar")[index]
+        assert g["image"].tobytes() == r["image"].tobytes() and g["caption"] != caption
+        assert all(g[a] == r[a] for a in ATTRIBUTES) and g["unseen"] == r["unseen"]
+
+
+def test_caption_style_arguments():
+    with pytest.raises(ValueError, match="captions"):
+        ShapesSource(captions="fancy")
+    with pytest.raises(ValueError, match="train split"):
+        ShapesSource("train", heldout_phrasing_share=0.5)
+    with pytest.raises(ValueError, match="templates"):
+        ShapesSource("test", captions="templates", heldout_phrasing_share=0.5)
+    with pytest.raises(ValueError, match="heldout_phrasing_share"):
+        ShapesSource("test", heldout_phrasing_share=1.5)
+    assert ShapesSource("test").heldout_phrasing_share == shapes.TEST_HELDOUT_PHRASING_SHARE
+    assert ShapesSource("test", captions="templates").heldout_phrasing_share == 0.0
+    # A saved config without the key predates the grammar.
+    assert shapes.caption_style({"name": "shapes"}) == "templates"
+    assert shapes.caption_style({"captions": "grammar"}) == "grammar"
+    from mmjax.config import base_config
+
+    assert shapes.caption_style(base_config().data) == "grammar"
