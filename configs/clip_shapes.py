@@ -19,13 +19,9 @@ def get_config(arg=None):
     c.family = "clip"
     c.variant = "small"
     add_defaults(c)
-    c.data.max_len = 64
     c.train.batch_size = 128
-    c.train.num_steps = 1000
     c.train.ema_decay = 0.99
-    c.train.log_every = 50
     c.train.eval_every = 250
-    c.train.eval_batches = 4
     c.train.checkpoint_every = 250
     c.optim.lr = 2e-3
     c.optim.weight_decay = 1e-4

@@ -18,16 +18,11 @@ def get_config(arg=None):
     c.family = "diffusion"
     c.variant = "small"
     add_defaults(c)
-    c.data.max_len = 64
-    c.train.batch_size = 64
     c.train.num_steps = 20000
-    c.train.ema_decay = 0.999
-    c.train.log_every = 50
     c.train.sample_every = 1000
     c.train.eval_every = 1000
     c.train.eval_batches = 2
     c.train.checkpoint_every = 1000
-    c.optim.lr = 1e-3
     c.optim.warmup_steps = 500
     c.sample.num = 8
     if arg == "tiny":

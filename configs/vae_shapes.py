@@ -20,18 +20,11 @@ def get_config(arg=None):
     # tokens by attention (see models/prior.py).
     c.model.prior_components = 16
     c.model.prior_attention = True
-    c.data.max_len = 64
     c.loss.beta = 0.5
     c.loss.kl_warmup_steps = 500
-    c.train.batch_size = 64
     c.train.num_steps = 4000
     c.train.ema_decay = 0.995
-    c.train.log_every = 50
-    c.train.sample_every = 500
-    c.train.eval_every = 500
-    c.train.checkpoint_every = 500
     c.optim.lr = 2e-3
-    c.optim.warmup_steps = 100
     c.sample.num = 8
     if arg == "tiny":
         tiny(c)

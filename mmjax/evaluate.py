@@ -7,6 +7,10 @@
 - generate: images from the test captions, judged per attribute the caption names, also on
   the (color, shape) combinations held out of training; FD-judge, KID-judge and k-NN
   precision/recall in the judge's features; with `--clip runs/clip`, the CLIP score;
+- held-out phrasings (every text-conditioned family): the same test images' captions phrased
+  with the caption grammar's held-out constructions (`heldout_phrasing_split`), which no
+  training caption uses; generators are judged on images from them, CLIP classifies zero-shot
+  from prompts in those phrasings; each also on the unseen (color, shape) pairs;
 - CLIP models: zero-shot accuracy per attribute (also on the unseen combinations) and
   retrieval recall@1/@5 among `--gallery` test images with full captions;
 - edit (`--edits N`): "change the color word" on N test images, judged for the new color and
@@ -19,25 +23,44 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
 import numpy as np
 
+from mmjax.data import captions as grammar
 from mmjax.data import shapes
 from mmjax.data.shapes import COLOR_NAMES, ShapesSource, parse_caption
 from mmjax.eval import (ATTRIBUTES, attribute_accuracy, clip_score, frechet_distance, kernel_distance,
                         precision_recall, ssim)
 
 
-def test_split(image_size: int, num: int, seed: int = 0) -> dict:
-    source = ShapesSource("test", image_size=image_size, seed=seed)
+def test_split(image_size: int, num: int, seed: int = 0, captions: str = shapes.ABSENT_CAPTIONS,
+               heldout_phrasing_share: float = 0.0) -> dict:
+    """The first `num` test records: images, labels, `unseen`, `heldout_phrasing`, captions.
+
+    `captions` is the caption style the model was trained on (`shapes.caption_style(config.data)`),
+    so the plain rows score a model on its own training phrasings; by default no caption is a
+    held-out phrasing (those have their own rows, from `heldout_phrasing_split`)."""
+    source = ShapesSource("test", image_size=image_size, seed=seed, captions=captions,
+                          heldout_phrasing_share=heldout_phrasing_share)
     if num > len(source):
         raise ValueError(f"--num {num} exceeds the test split ({len(source)} images)")
     records = [source[i] for i in range(num)]
-    out = {k: np.stack([r[k] for r in records]) for k in ("image", *ATTRIBUTES, "unseen")}
+    out = {k: np.stack([r[k] for r in records]) for k in ("image", *ATTRIBUTES, "unseen", "heldout_phrasing")}
     out["caption"] = [r["caption"] for r in records]
+    out["phrasing"] = [r["phrasing"] for r in records]
     return out
+
+
+def heldout_phrasing_split(image_size: int, num: int, seed: int = 0) -> dict:
+    """Test captions with held-out phrasings: the first `num` test records (the same images and
+    labels as `test_split`), each caption phrased by the grammar with one of its held-out
+    constructions (`captions.HELDOUT`: key-value lists, relative clauses, "I'd like ...",
+    "sketch ..."), which no training caption uses, whatever style the model was trained on.
+    Deterministic in (seed, num); `unseen` marks the held-out (color, shape) pairs."""
+    return test_split(image_size, num, seed, captions="grammar", heldout_phrasing_share=1.0)
 
 
 def _named_labels(captions: list[str]) -> dict[str, np.ndarray]:
@@ -53,22 +76,29 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def evaluate_clip(model, data: dict, gallery: int = 256) -> dict:
-    """Zero-shot accuracy per attribute, and retrieval among the first `gallery` test images
-    with their full captions (a hit: the retrieved item has the query's four attributes)."""
-    out: dict = {"zero_shot": {}, "zero_shot_unseen": {}}
-    for attribute in ATTRIBUTES:
-        names = shapes.ATTRIBUTES[attribute]
-        predicted = np.array([names.index(n) for n in model.zero_shot(data["image"], attribute)])
-        correct = predicted == data[attribute]
-        out["zero_shot"][attribute] = float(correct.mean())
-        out["zero_shot_unseen"][attribute] = float(correct[data["unseen"]].mean()) if data["unseen"].any() else None
+    """Zero-shot accuracy per attribute, from the built-in prompts and from prompts in held-out
+    phrasings (`captions.heldout_attribute_prompts`), and retrieval among the first `gallery`
+    test images with their full captions (a hit: the retrieved item has the query's four
+    attributes)."""
+    out: dict = {}
+    unseen = data["unseen"]
+    for row, prompts in (("zero_shot", shapes.attribute_prompts),
+                         ("zero_shot_heldout_phrasing", grammar.heldout_attribute_prompts)):
+        out[row], out[row + "_unseen"] = {}, {}
+        for attribute in ATTRIBUTES:
+            names = shapes.ATTRIBUTES[attribute]
+            classes = dict(zip(names, prompts(attribute)))
+            predicted = np.array([names.index(n) for n in model.zero_shot(data["image"], classes)])
+            correct = predicted == data[attribute]
+            out[row][attribute] = float(correct.mean())
+            out[row + "_unseen"][attribute] = float(correct[unseen].mean()) if unseen.any() else None
     gallery = min(gallery, len(data["image"]))
     labels = {a: data[a][:gallery] for a in ATTRIBUTES}
     index = shapes.label_index(labels)
     captions = [shapes.full_captions()[i] for i in index]
     sim = model.embed_texts(captions) @ model.embed_images(data["image"][:gallery]).T
     match = index[:, None] == index[None, :]
-    unseen = data["unseen"][:gallery]
+    unseen = unseen[:gallery]
     for name, scores in (("t2i", sim), ("i2t", sim.T)):
         top = np.argsort(-scores, axis=1)[:, :5]
         hits = np.take_along_axis(match, top, axis=1)
@@ -86,8 +116,13 @@ def _judge_features(judge, images: np.ndarray, batch_size: int = 250) -> np.ndar
 
 
 def _recolor(caption: str, old: int, new: int) -> str:
-    """The caption with its color word replaced (color names never occur elsewhere)."""
-    return caption.replace(COLOR_NAMES[old], COLOR_NAMES[new], 1)
+    """The caption with its color word replaced, in the caption's letter case (a color name
+    occurs once, as a whole word)."""
+    def swap(match: re.Match) -> str:
+        found, word = match.group(), COLOR_NAMES[new]
+        return word.upper() if found.isupper() else word.capitalize() if found[0].isupper() else word
+
+    return re.sub(rf"\b{COLOR_NAMES[old]}\b", swap, caption, count=1, flags=re.IGNORECASE)
 
 
 def evaluate_edit(model, judge, data: dict, num: int, seed: int = 0) -> dict:
@@ -135,16 +170,23 @@ def evaluate(model, *, judge=None, clip=None, num: int = 1000, batch_size: int =
     """`edits` > 0 also scores that many prompt edits and inpaintings (diffusion, GAN); `clip`
     (a loaded CLIP model) adds the CLIP score of generated images; `reconstructions` caps how
     many test images are reconstructed (a GAN reconstructs by inversion, an optimisation per
-    image: slow on a CPU)."""
-    data = test_split(model.image_size, num)
-    results: dict = {"num": num, "step": model.step, "family": model.config.family}
+    image: slow on a CPU).
+
+    Generators are also judged on the same test images' captions in held-out phrasings
+    (`generated_accuracy_heldout_phrasing`, and `..._unseen` on the held-out pairs); CLIP's
+    zero-shot rows are repeated with prompts in held-out phrasings."""
+    judge = _scorer(judge, "judge", "classify", model.image_size)
+    clip = _scorer(clip, "clip", "embed_images", model.image_size)
+    style = shapes.caption_style(model.config.data)
+    data = test_split(model.image_size, num, captions=style)
+    results: dict = {"num": num, "step": model.step, "family": model.config.family, "captions": style}
     generate_options = generate_options or {}
     batches = range(0, num, batch_size)
-    if "classify" in model.abilities:
+    if "classify" in model.methods:
         labels = {a: data[a] for a in ATTRIBUTES}
         results["accuracy"] = attribute_accuracy(data["image"], labels, model)
         results["accuracy_unseen"] = attribute_accuracy(data["image"], labels, model, mask=data["unseen"])
-    if "reconstruct" in model.abilities:
+    if "reconstruct" in model.methods:
         count = num if reconstructions is None else min(num, reconstructions)
         recon = np.concatenate([model.reconstruct(data["image"][i:min(i + batch_size, count)],
                                                   data["caption"][i:min(i + batch_size, count)])
@@ -152,9 +194,9 @@ def evaluate(model, *, judge=None, clip=None, num: int = 1000, batch_size: int =
         results["psnr"] = float(np.mean(_psnr(recon, data["image"][:count])))
         results["ssim"] = float(np.mean(ssim(recon, data["image"][:count])))
         results["reconstructed"] = count
-    if "zero_shot" in model.abilities:
+    if "zero_shot" in model.methods:
         results["clip"] = evaluate_clip(model, data, gallery)
-    if "generate" in model.abilities and judge is not None:
+    if "generate" in model.methods and judge is not None:
         start = time.perf_counter()
         images = np.concatenate([model.generate(data["caption"][i:i + batch_size], num=1, seed=seed + i,
                                                 **generate_options) for i in batches])
@@ -172,11 +214,36 @@ def evaluate(model, *, judge=None, clip=None, num: int = 1000, batch_size: int =
             results["clip_score"] = clip_score(clip, images, data["caption"])
             results["clip_score_real"] = clip_score(clip, data["image"], data["caption"])
         results["_images"] = images
-    if edits and judge is not None and "edit" in model.abilities:
+        heldout = heldout_phrasing_split(model.image_size, num)
+        images = np.concatenate([model.generate(heldout["caption"][i:i + batch_size], num=1, seed=seed + i,
+                                                **generate_options) for i in batches])
+        named = _named_labels(heldout["caption"])
+        results["generated_accuracy_heldout_phrasing"] = attribute_accuracy(images, named, judge)
+        results["generated_accuracy_heldout_phrasing_unseen"] = attribute_accuracy(images, named, judge,
+                                                                                   mask=heldout["unseen"])
+        results["_images_heldout_phrasing"] = images
+    if edits and judge is not None and "edit" in model.methods:
         results["edit"], results["_edited"] = evaluate_edit(model, judge, data, edits, seed)
-    if edits and judge is not None and "inpaint" in model.abilities:
+    if edits and judge is not None and "inpaint" in model.methods:
         results["inpaint"], results["_inpainted"] = evaluate_inpaint(model, judge, data, edits, seed)
     return results
+
+
+def _scorer(model, name: str, method: str, image_size: int):
+    """A judge or CLIP model (loaded, or a path to load), checked before anything is generated."""
+    if model is None:
+        return None
+    if isinstance(model, str):
+        from mmjax import api
+
+        model = api.load(model)
+    if method not in getattr(model, "methods", ()):
+        family = getattr(getattr(model, "config", None), "family", type(model).__name__)
+        raise ValueError(f"{name}= holds a {family!r} model, which cannot {method}")
+    if model.image_size != image_size:
+        raise ValueError(f"{name}= sees {model.image_size}x{model.image_size} images, the evaluated model "
+                         f"makes {image_size}x{image_size}")
+    return model
 
 
 def in_loop_generation(config):
@@ -184,14 +251,15 @@ def in_loop_generation(config):
 
     Returns `fn(ema_params) -> dict`: images from the first `eval.num_generated` test captions
     (fixed seed, so steps are comparable), judged per attribute the caption names
-    (`gen_<attribute>`), FD/KID-judge and k-NN precision/recall against the real test images
-    (with a judge), and the CLIP score (with a CLIP model). Bad workdirs fail here, before
-    any training.
+    (`gen_<attribute>`), and (with a judge) the same for the same many captions in held-out
+    phrasings (`gen_heldout_phrasing_<attribute>`, and `gen_heldout_phrasing_unseen_<attribute>`
+    on the held-out pairs: the test split's first captions have only a few of those, so these
+    are noisy; attributes no caption asks for are left out), FD/KID-judge and k-NN
+    precision/recall against the real test images (with a judge), and the CLIP score (with a
+    CLIP model). Bad workdirs fail here, before any training.
     """
-    import jax
-
-    from mmjax import api, sharding, zoo
-    from mmjax.data.tokenizer import ByteTokenizer
+    from mmjax import zoo
+    from mmjax.handles import HANDLES
 
     settings = config.get("eval")
     if settings is None or not (settings.judge or settings.clip):
@@ -200,31 +268,33 @@ def in_loop_generation(config):
     if "generate" not in family.abilities:
         raise ValueError(f"config keys 'eval.judge'/'eval.clip' score generated images, but the "
                          f"{config.family!r} family does not generate")
-    judge = api.load(settings.judge) if settings.judge else None
-    clip = api.load(settings.clip) if settings.clip else None
-    if judge is not None and "classify" not in judge.abilities:
-        raise ValueError(f"config key 'eval.judge': {settings.judge!r} holds a {judge.config.family!r} model, not a judge")
-    if clip is not None and "embed_images" not in clip.abilities:
-        raise ValueError(f"config key 'eval.clip': {settings.clip!r} holds a {clip.config.family!r} model, not a CLIP")
+    try:
+        judge = _scorer(settings.judge or None, "judge", "classify", config.data.image_size)
+        clip = _scorer(settings.clip or None, "clip", "embed_images", config.data.image_size)
+    except ValueError as e:
+        raise ValueError(f"config keys 'eval.judge'/'eval.clip': {e}") from e
     num = settings.num_generated
-    data = test_split(config.data.image_size, num)
+    data = test_split(config.data.image_size, num, captions=shapes.caption_style(config.data))
     named = _named_labels(data["caption"])
+    heldout = heldout_phrasing_split(config.data.image_size, num)
+    heldout_named = _named_labels(heldout["caption"])
     real = _judge_features(judge, data["image"]) if judge is not None else None
-    module = zoo.build_model(config)
-    generate = jax.jit(lambda params, tokens, rng: family.abilities["generate"](module, params, config, tokens, rng))
-    replicated = sharding.replicated(sharding.make_mesh())
-    tokens = jax.device_put(ByteTokenizer(config.data.max_len).encode(data["caption"]), replicated)
+    # The family's handle, its weights swapped in at each evaluation: the handle's compiled
+    # `generate` traces the weights, so every evaluation reuses one program.
+    model = HANDLES[config.family](config, zoo.build_model(config), None, 0, "")
 
     def run(params) -> dict:
-        from mmjax.images import to_uint8
-
-        chunks = [jax.device_get(generate(params, tokens[i:i + 250], jax.random.key(i)))
-                  for i in range(0, num, 250)]
-        images = to_uint8(np.concatenate(chunks))
+        model.params = params
+        images = np.concatenate([model.generate(data["caption"][i:i + 250], seed=i) for i in range(0, num, 250)])
         out = {}
         if judge is not None:
             accuracy = attribute_accuracy(images, named, judge)
             out.update({f"gen_{a}": accuracy[a] for a in ATTRIBUTES})
+            phrased = np.concatenate([model.generate(heldout["caption"][i:i + 250], seed=i) for i in range(0, num, 250)])
+            for row, mask in (("gen_heldout_phrasing", None), ("gen_heldout_phrasing_unseen", heldout["unseen"])):
+                accuracy = attribute_accuracy(phrased, heldout_named, judge, mask=mask)
+                # An attribute no caption in the sample asks for has no score (not NaN in the logs).
+                out.update({f"{row}_{a}": accuracy[a] for a in ATTRIBUTES if accuracy[f"{a}_count"]})
             fake = _judge_features(judge, images)
             out["fd_judge"] = frechet_distance(fake, real)
             out["kid_judge"] = kernel_distance(fake, real, subset_size=min(500, num))["kid"]
@@ -241,19 +311,27 @@ def _f(value) -> str:
 
 
 def format_table(results: dict) -> str:
-    lines = [f"{results['family']} at step {results['step']}, {results['num']} test images"]
-    for key in ("accuracy", "accuracy_unseen", "generated_accuracy", "generated_accuracy_unseen"):
+    lines = [f"{results['family']} at step {results['step']}, {results['num']} test images"
+             + (f", trained on {results['captions']} captions" if "captions" in results else "")]
+    rows = {"accuracy": "accuracy", "accuracy_unseen": "accuracy_unseen",
+            "generated_accuracy": "generated_accuracy", "generated_accuracy_unseen": "generated_accuracy_unseen",
+            "generated_accuracy_heldout_phrasing": "held-out phrasings",
+            "generated_accuracy_heldout_phrasing_unseen": "held-out phr., unseen"}
+    for key, label in rows.items():
         if key in results:
             cells = "  ".join(f"{a} {results[key][a]:.3f} (n={results[key][a + '_count']})" for a in ATTRIBUTES)
-            lines.append(f"  {key:<26} {cells}")
+            lines.append(f"  {label:<26} {cells}")
     if "psnr" in results:
         lines.append(f"  {'reconstruction PSNR / SSIM':<26} {results['psnr']:.2f} dB / {results['ssim']:.4f} "
                      f"(n={results['reconstructed']})")
     if "clip" in results:
         c = results["clip"]
-        for key in ("zero_shot", "zero_shot_unseen"):
-            cells = "  ".join(f"{a} {_f(c[key][a])}" for a in ATTRIBUTES)
-            lines.append(f"  {key:<26} {cells}")
+        for key, label in (("zero_shot", "zero_shot"), ("zero_shot_unseen", "zero_shot_unseen"),
+                           ("zero_shot_heldout_phrasing", "zero-shot, held-out phr."),
+                           ("zero_shot_heldout_phrasing_unseen", "zero-shot, h.-o. phr. unseen")):
+            if key in c:
+                cells = "  ".join(f"{a} {_f(c[key][a])}" for a in ATTRIBUTES)
+                lines.append(f"  {label:<26} {cells}")
         for name in ("t2i", "i2t"):
             lines.append(f"  {name + ' retrieval':<26} recall@1 {_f(c[name + '_recall@1'])}  "
                          f"recall@5 {_f(c[name + '_recall@5'])}  unseen queries: recall@1 "
@@ -296,7 +374,11 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, help="diffusion: sampling steps (default: the config's)")
     parser.add_argument("--grid", help="also write a PNG of the first generated (and edited) images")
     parser.add_argument("--out", help="where to write the JSON results (default: <workdir>/eval.json)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="show libraries' INFO lines (-vv: DEBUG)")
     args = parser.parse_args(argv)
+    from mmjax.logs import setup_logging
+
+    setup_logging(args.verbose)
     options = {k: v for k, v in (("guidance", args.guidance), ("sampler", args.sampler), ("steps", args.steps))
                if v is not None}
 
@@ -305,11 +387,7 @@ def main(argv=None) -> int:
 
     try:
         model = api.load(args.workdir, step=args.step)
-        judge = api.load(args.judge) if args.judge else None
-        clip = api.load(args.clip) if args.clip else None
-        if clip is not None and "embed_images" not in clip.abilities:
-            raise ValueError(f"--clip {args.clip!r} holds a {clip.config.family!r} model, not a CLIP model")
-        results = evaluate(model, judge=judge, clip=clip, num=args.num, seed=args.seed, generate_options=options,
+        results = evaluate(model, judge=args.judge, clip=args.clip, num=args.num, seed=args.seed, generate_options=options,
                            edits=args.edits, gallery=args.gallery, reconstructions=args.reconstructions)
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"mmjax.evaluate: {e}", file=sys.stderr)
@@ -319,7 +397,7 @@ def main(argv=None) -> int:
         from mmjax.images import save_png
 
         rows = [v[:16] for v in images.values()]
-        save_png(api.grid(np.concatenate(rows), ncols=16), args.grid)
+        save_png(api.grid(np.concatenate(rows), ncols=16, min_cell=0), args.grid)
     print(format_table(results))
     path = args.out or os.path.join(args.workdir, "eval.json")
     with open(path + ".tmp", "w", encoding="utf-8") as f:

@@ -58,11 +58,11 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
 
 
 def make_grid(images, *, ncols: int | None = None, captions=None, pad: int = 4,
-              min_cell: int = 128) -> Image.Image:
+              min_cell: int = 128, upscale: bool = False) -> Image.Image:
     """uint8 [N, H, W, 3] -> one PIL image; with captions, each is wrapped under its cell.
 
     Small images are upscaled (nearest) to at least `min_cell` pixels when captioned, so that a
-    caption of ~50 characters fits in three lines.
+    caption of ~50 characters fits in three lines, or when `upscale` (for a person to look at).
     """
     images = np.asarray(images)
     if images.dtype != np.uint8:
@@ -70,7 +70,7 @@ def make_grid(images, *, ncols: int | None = None, captions=None, pad: int = 4,
     n, h, w, _ = images.shape
     ncols = ncols or max(1, math.ceil(math.sqrt(n)))
     nrows = math.ceil(n / ncols)
-    scale = max(1, math.ceil(min_cell / h)) if captions is not None else 1
+    scale = max(1, math.ceil(min_cell / h)) if captions is not None or upscale else 1
     cw, ch = w * scale, h * scale
     font = _font()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))

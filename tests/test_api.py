@@ -32,8 +32,13 @@ def test_reconstruct_and_interpolate_shapes(vae_run):
     a, b = source[0], source[1]
     recon = model.reconstruct(np.stack([a["image"], b["image"]]), [a["caption"], b["caption"]])
     assert recon.shape == (2,) + a["image"].shape and recon.dtype == np.uint8
-    path = model.interpolate(a["image"], b["image"], num=5, prompt_a=a["caption"], prompt_b=b["caption"])
+    path = model.interpolate_images(a["image"], b["image"], num=5, prompt_a=a["caption"], prompt_b=b["caption"])
     assert path.shape == (5,) + a["image"].shape
+    with pytest.warns(DeprecationWarning, match="interpolate_images"):  # the old name, for one release
+        old = model.interpolate(a["image"], b["image"], num=5, prompt_a=a["caption"], prompt_b=b["caption"])
+    np.testing.assert_array_equal(old, path)
+    z = model.encode(np.stack([a["image"], b["image"]]), [a["caption"], b["caption"]])
+    np.testing.assert_array_equal(model.decode(z, [a["caption"], b["caption"]]), recon)
     with pytest.raises(NotImplementedError, match="classify"):
         model.classify(a["image"])
     with pytest.raises(ValueError, match="16x16"):

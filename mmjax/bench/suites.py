@@ -236,13 +236,15 @@ def bench_sample(config, *, batch_size: int, sampler: str = "ddim", steps: int =
         raise ValueError(f"family {config.family!r} cannot generate")
     model = zoo.build_model(config)
     host = synthetic_batch(config, batch_size)
-    params = jax.jit(lambda: family.init(model, jax.random.key(0), {k: jnp.asarray(v) for k, v in host.items()},
-                                         config))()
+    params, _ = jax.jit(lambda: family.init(model, jax.random.key(0), {k: jnp.asarray(v) for k, v in host.items()},
+                                            config))()
     generate = family.abilities["generate"]
+    settings = family.settings(config) if family.settings else None
     # The sampler settings a family's `generate` takes (diffusion); a one-shot decoder takes none.
     accepted = inspect.signature(generate).parameters
-    kwargs = {k: v for k, v in (("guidance", guidance), ("sampler", sampler), ("steps", steps)) if k in accepted}
-    fn = jax.jit(lambda p, tokens, rng: generate(model, p, config, tokens, rng, **kwargs))
+    kwargs = {k: v for k, v in (("guidance", guidance), ("sampler", sampler), ("steps", steps), ("eta", 0.0))
+              if k in accepted}
+    fn = jax.jit(lambda p, tokens, rng: generate(model, p, settings, tokens, rng, **kwargs))
     tokens, rng = jnp.asarray(host["tokens"]), jax.random.key(1)
     t0 = time.perf_counter()
     compiled = fn.lower(params, tokens, rng).compile()

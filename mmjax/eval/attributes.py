@@ -6,21 +6,9 @@ the real test split is the ceiling of what these numbers can mean.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 ATTRIBUTES = ("shape", "color", "size", "position")
-
-
-@functools.lru_cache(maxsize=4)
-def _load_judge(workdir: str):
-    from mmjax import api
-
-    judge = api.load(workdir)
-    if "classify" not in judge.abilities:
-        raise ValueError(f"{workdir!r} holds a {judge.config.family!r} model, not a classifier judge")
-    return judge
 
 
 def attribute_accuracy(images, labels: dict, judge, *, batch_size: int = 256,
@@ -29,10 +17,12 @@ def attribute_accuracy(images, labels: dict, judge, *, batch_size: int = 256,
 
     images: uint8 [N, H, W, 3] (or floats in [-1, 1]). labels: attribute -> int array [N], where
     a negative label means "not asked for" and is left out of that attribute's score.
-    judge: a workdir path or a loaded classifier. `mask` (bool [N]) restricts the scored images.
+    judge: a loaded classifier (`mmjax.load(path)` of a CNN judge: anything with `classify`).
+    `mask` (bool [N]) restricts the scored images.
     Returns `{attribute: accuracy}` plus `{attribute}_count` with how many images were scored.
     """
-    judge = _load_judge(judge) if isinstance(judge, str) else judge
+    if not callable(getattr(judge, "classify", None)):
+        raise ValueError(f"judge must be a loaded classifier (mmjax.load(<judge path>)), got {judge!r}")
     images = np.asarray(images)
     predictions: dict[str, list] = {}
     for start in range(0, len(images), batch_size):

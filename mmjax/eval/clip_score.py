@@ -12,7 +12,7 @@ def clip_score(clip_model, images, prompts, batch_size: int = 256) -> float:
     prompts = list(prompts)
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} images for {len(prompts)} prompts")
-    if "embed_images" not in clip_model.abilities:
+    if "embed_images" not in clip_model.methods:
         raise ValueError(f"the {clip_model.config.family!r} model is not a CLIP model")
     scores = []
     for i in range(0, len(images), batch_size):

@@ -20,11 +20,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from mmjax.data import shapes
 from mmjax.data.tokenizer import ByteTokenizer
-from mmjax.families.family import Family, Objective
+from mmjax.families.family import Family, LossAux, Objective
 from mmjax.models.clip import CLIP64, CLIPSmall, CLIPSmallViT, CLIPTiny, CLIPTinyViT
 
 VARIANTS = {"tiny": CLIPTiny, "tiny_vit": CLIPTinyViT, "small": CLIPSmall, "small_vit": CLIPSmallViT,
@@ -43,7 +42,7 @@ def validate(config) -> None:
 
 
 def init(model, rng, batch, config):
-    return model.init({"params": rng}, batch["image"], batch["tokens"])["params"]
+    return model.init({"params": rng}, batch["image"], batch["tokens"])["params"], None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,9 +62,15 @@ def clip_loss(image_emb, text_emb, scale, pos) -> jax.Array:
     """Symmetric softmax cross-entropy over the batch; targets spread evenly over positives."""
     logits = scale * image_emb @ text_emb.T
     targets = pos.astype(jnp.float32)
-    image_to_text = optax.softmax_cross_entropy(logits, targets / targets.sum(1, keepdims=True))
-    text_to_image = optax.softmax_cross_entropy(logits.T, targets.T / targets.T.sum(1, keepdims=True))
+    image_to_text = _soft_cross_entropy(logits, targets / targets.sum(1, keepdims=True))
+    text_to_image = _soft_cross_entropy(logits.T, targets.T / targets.T.sum(1, keepdims=True))
     return 0.5 * (image_to_text.mean() + text_to_image.mean())
+
+
+def _soft_cross_entropy(logits, probs) -> jax.Array:
+    """Per-row cross-entropy against target distributions (written out so that loading a
+    family for inference does not import optax)."""
+    return -jnp.sum(probs * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
 
 
 def siglip_loss(image_emb, text_emb, scale, bias, pos) -> jax.Array:
@@ -83,13 +88,14 @@ def contrastive_loss(config, image_emb, text_emb, scale, bias, tokens):
 
 
 def objectives(model, config):
-    def loss_fn(params, batch, rng, step):
+    def loss_fn(params, batch, rng, step, model_state):
         image_emb, text_emb, scale, bias = model.apply(
             {"params": params}, batch["image"], batch["tokens"], train=True, rngs={"dropout": rng})
         loss, pos = contrastive_loss(config, image_emb, text_emb, scale, bias, batch["tokens"])
         sim = image_emb @ text_emb.T
         hit = jnp.take_along_axis(pos, jnp.argmax(sim, axis=1)[:, None], axis=1)
-        return loss, {"batch_i2t_top1": jnp.mean(hit), "temperature": 1.0 / scale, "bias": bias}
+        metrics = {"batch_i2t_top1": jnp.mean(hit), "temperature": 1.0 / scale, "bias": bias}
+        return loss, LossAux(metrics, model_state)
 
     return (Objective("contrastive", loss_fn),)
 
@@ -98,32 +104,31 @@ def objectives(model, config):
 # Abilities: embeddings, similarity, zero-shot
 # ---------------------------------------------------------------------------------------------
 
-def embed_images(model, params, config, images):
+def embed_images(model, params, s, images):
     return model.apply({"params": params}, images, method=type(model).embed_images)
 
 
-def embed_texts(model, params, config, tokens):
+def embed_texts(model, params, s, tokens):
     return model.apply({"params": params}, tokens, method=type(model).embed_texts)
 
 
-def similarity(model, params, config, images, tokens):
+def similarity(model, params, s, images, tokens):
     """Cosine similarity `[num_images, num_texts]`."""
-    return embed_images(model, params, config, images) @ embed_texts(model, params, config, tokens).T
+    return embed_images(model, params, s, images) @ embed_texts(model, params, s, tokens).T
 
 
-def class_embeddings(model, params, config, prompt_tokens, counts):
+def class_embeddings(model, params, s, prompt_tokens, counts):
     """One unit vector per class: the mean of its prompts' embeddings (prompt ensembling).
     `prompt_tokens` `[P, L]` hold every class's prompts in order, `counts` how many each has."""
-    emb = embed_texts(model, params, config, prompt_tokens)
+    emb = embed_texts(model, params, s, prompt_tokens)
     segments = np.repeat(np.arange(len(counts)), counts)
     means = jax.ops.segment_sum(emb, jnp.asarray(segments), num_segments=len(counts))
     return means / jnp.linalg.norm(means, axis=-1, keepdims=True)
 
 
-def zero_shot(model, params, config, images, prompt_tokens, counts):
+def zero_shot(model, params, s, images, prompt_tokens, *, counts):
     """`[num_images, num_classes]` cosine similarity to each class's prompt ensemble."""
-    return embed_images(model, params, config, images) @ class_embeddings(
-        model, params, config, prompt_tokens, counts).T
+    return embed_images(model, params, s, images) @ class_embeddings(model, params, s, prompt_tokens, counts).T
 
 
 @functools.lru_cache(maxsize=8)
@@ -154,13 +159,13 @@ def evaluate(model, params, batch, config):
     """Zero-shot accuracy per attribute, and retrieval within the batch with full captions
     (a hit: the retrieved item has the query's attributes)."""
     images = batch["image"]
-    image_emb = embed_images(model, params, config, images)
+    image_emb = embed_images(model, params, None, images)
     out = {}
     for attribute in shapes.ATTRIBUTES:
         tokens, counts = shapes_prompts(attribute, config.data.max_len)
-        scores = image_emb @ class_embeddings(model, params, config, jnp.asarray(tokens), counts).T
+        scores = image_emb @ class_embeddings(model, params, None, jnp.asarray(tokens), counts).T
         out[f"zero_shot_{attribute}"] = jnp.mean(jnp.argmax(scores, axis=1) == batch[attribute])
-    text_emb = embed_texts(model, params, config, full_caption_tokens(batch, config.data.max_len))
+    text_emb = embed_texts(model, params, None, full_caption_tokens(batch, config.data.max_len))
     match = same_labels(batch)
     sim = text_emb @ image_emb.T
     out["t2i_recall1"] = jnp.mean(jnp.take_along_axis(match, jnp.argmax(sim, 1)[:, None], 1))

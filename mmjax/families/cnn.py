@@ -8,23 +8,29 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from mmjax.families.family import Family, Objective
+from mmjax.families.family import Family, LossAux, Objective
 from mmjax.models.cnn import CNN64, CNNSmall, CNNTiny
 
 VARIANTS = {"tiny": CNNTiny, "small": CNNSmall, "64": CNN64}
 
 
 def init(model, rng, batch, config):
-    return model.init({"params": rng}, batch["image"])["params"]
+    return model.init({"params": rng}, batch["image"])["params"], None
+
+
+def cross_entropy(logits, labels) -> jax.Array:
+    """Per-example softmax cross-entropy with integer labels, in float32 (written out so that
+    loading a family for inference does not import optax)."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(log_probs, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
 def _head_metrics(model, logits: dict, batch) -> tuple[jax.Array, dict]:
     losses, metrics = [], {}
     for name in model.head_names:
         labels = batch[name]
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits[name], labels).mean()
+        ce = cross_entropy(logits[name], labels).mean()
         losses.append(ce)
         metrics[f"accuracy_{name}"] = jnp.mean(jnp.argmax(logits[name], -1) == labels)
     metrics["accuracy_mean"] = jnp.mean(jnp.stack([metrics[f"accuracy_{n}"] for n in model.head_names]))
@@ -32,9 +38,10 @@ def _head_metrics(model, logits: dict, batch) -> tuple[jax.Array, dict]:
 
 
 def objectives(model, config):
-    def loss_fn(params, batch, rng, step):
+    def loss_fn(params, batch, rng, step, model_state):
         logits, _ = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
-        return _head_metrics(model, logits, batch)
+        loss, metrics = _head_metrics(model, logits, batch)
+        return loss, LossAux(metrics, model_state)
 
     return (Objective("classifier", loss_fn),)
 
@@ -45,7 +52,7 @@ def evaluate(model, params, batch, config):
     return {"loss": loss, **metrics}
 
 
-def classify(model, params, config, images):
+def classify(model, params, s, images):
     """Images in [-1, 1] -> (dict of logits per attribute, penultimate features)."""
     logits, aux = model.apply({"params": params}, images)
     return logits, aux["features"]

@@ -20,6 +20,7 @@ guided denoiser `(x_t, t) -> (x0, eps)` and hands it to `mmjax.sampling`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -30,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.data.tokenizer import ByteTokenizer
-from mmjax.families.family import Family, Objective
+from mmjax.families.family import Family, LossAux, Objective
 from mmjax.models.unet import DDPM32, LDM64, DDPM32Text, UNet, UNetLatentSmall, UNetSmall, UNetTiny
+from mmjax.sampling import attention_maps as attention_lib
 from mmjax.sampling import samplers
 from mmjax.sampling import schedules as sched
 
@@ -118,7 +120,8 @@ def validate(config) -> None:
             raise ValueError(
                 f"variant {config.variant!r} predicts {predicts}-channel inputs but the images have "
                 f"{channels} (config key 'data.channels'); a latent variant trains on a VAE's "
-                "latents: set 'latent.vae_workdir'")
+                "latents: set config key 'latent.vae_workdir' to a trained VAE's run directory "
+                "(--config.latent.vae_workdir=runs/vae)")
     if config.latent.vae_config:
         vae_cfg = json.loads(config.latent.vae_config)
         for key in ("image_size", "max_len"):
@@ -131,6 +134,28 @@ def validate(config) -> None:
 # Pieces shared by training and sampling
 # ---------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The part of a diffusion config that sampling and editing read (hashable: it is baked
+    into compiled programs). Sampling defaults (sampler, steps, guidance) are not here: the
+    caller passes them."""
+    schedule: str
+    num_timesteps: int
+    prediction: str
+    image_size: int
+    channels: int
+    max_len: int
+    vae_config: str = ""  # JSON of the frozen VAE's variant/model fields; "" = pixel space
+    dtype: str = "float32"
+
+
+def settings(config) -> Settings:
+    return Settings(schedule=config.loss.schedule, num_timesteps=config.loss.num_timesteps,
+                    prediction=config.loss.prediction, image_size=config.data.image_size,
+                    channels=config.data.get("channels", 3), max_len=config.data.max_len,
+                    vae_config=config.latent.vae_config, dtype=config.dtype)
+
+
 @functools.lru_cache(maxsize=8)
 def _vae_module(vae_config_json: str, dtype: str):
     from mmjax.families import vae as vae_family  # a latent model rides on a VAE
@@ -139,24 +164,21 @@ def _vae_module(vae_config_json: str, dtype: str):
     return vae_family.VARIANTS[cfg["variant"]](**cfg["model"], dtype=jnp.dtype(dtype))
 
 
-def vae_module(config):
+def vae_module(s: Settings):
     """The frozen VAE's module, or None in pixel space."""
-    if not config.latent.vae_config:
-        return None
-    return _vae_module(config.latent.vae_config, config.dtype)
+    return _vae_module(s.vae_config, s.dtype) if s.vae_config else None
 
 
-def schedule(config) -> sched.Schedule:
-    return sched.make_schedule(config.loss.schedule, config.loss.num_timesteps)
+def noise_schedule(s: Settings) -> sched.Schedule:
+    return sched.make_schedule(s.schedule, s.num_timesteps)
 
 
-def x0_shape(config) -> tuple[int, int, int]:
+def x0_shape(s: Settings) -> tuple[int, int, int]:
     """The shape the diffusion runs on: the image, or the VAE latent."""
-    size = config.data.image_size
-    vae = vae_module(config)
+    vae = vae_module(s)
     if vae is None:
-        return (size, size, config.data.get("channels", 3))
-    side = size // (2 ** (len(vae.widths) - 1))
+        return (s.image_size, s.image_size, s.channels)
+    side = s.image_size // (2 ** (len(vae.widths) - 1))
     return (side, side, vae.latent_channels)
 
 
@@ -165,14 +187,14 @@ def _empty_tokens(max_len: int) -> np.ndarray:
     return ByteTokenizer(max_len).encode([""])[0]
 
 
-def empty_tokens(config, batch: int) -> jax.Array:
+def empty_tokens(s: Settings, batch: int) -> jax.Array:
     """The empty caption (BOS, EOS, padding): what the unconditional branch sees."""
-    return jnp.broadcast_to(jnp.asarray(_empty_tokens(config.data.max_len)), (batch, config.data.max_len))
+    return jnp.broadcast_to(jnp.asarray(_empty_tokens(s.max_len)), (batch, s.max_len))
 
 
-def encode(model, params, config, images, tokens):
+def encode(params, s: Settings, images, tokens):
     """Images in [-1, 1] -> what the diffusion runs on (normalised latents, or the images)."""
-    vae = vae_module(config)
+    vae = vae_module(s)
     if vae is None:
         return images
     mean, _ = vae.apply({"params": params["vae"]}, images, tokens, method=type(vae).encode)
@@ -180,9 +202,9 @@ def encode(model, params, config, images, tokens):
     return (jax.lax.stop_gradient(mean) - stats["mean"]) / stats["std"]
 
 
-def decode(model, params, config, x0, tokens):
+def decode(params, s: Settings, x0, tokens):
     """The inverse of `encode` (through the VAE decoder, reading the caption if it does)."""
-    vae = vae_module(config)
+    vae = vae_module(s)
     if vae is None:
         return jnp.clip(x0, -1, 1)
     stats = params["latent"]
@@ -200,18 +222,19 @@ def _reads_text(model) -> bool:
 
 def init(model, rng, batch, config):
     unet_key, vae_key = jax.random.split(rng)
-    shape = x0_shape(config)
+    s = settings(config)
+    shape = x0_shape(s)
     x = jnp.zeros((1,) + shape, jnp.float32)
     tokens = batch["tokens"][:1] if _reads_text(model) else None
     params = {"unet": model.init({"params": unet_key}, x, jnp.zeros((1,), jnp.int32), tokens)["params"]}
-    vae = vae_module(config)
+    vae = vae_module(s)
     if vae is not None:
         # Placeholder weights of the right shapes; `prepare` loads the trained VAE.
         variables = vae.init({"params": vae_key, "noise": vae_key}, batch["image"][:1], batch["tokens"][:1])
         params["vae"] = variables["params"]
         params["latent"] = {"mean": jnp.zeros((shape[-1],), jnp.float32),
                             "std": jnp.ones((shape[-1],), jnp.float32)}
-    return params
+    return params, None
 
 
 def prepare(params, config, batches):
@@ -222,11 +245,14 @@ def prepare(params, config, batches):
     """
     if not config.latent.vae_config:
         return params
-    from mmjax import api  # the loaded VAE comes through the public loader
+    from mmjax import model_files  # the VAE's weights, read as files: no loader, no train code
 
     step = None if config.latent.vae_step < 0 else config.latent.vae_step
-    vae = api.load(config.latent.vae_workdir, step=step)
-    module = vae_module(config)
+    vae = model_files.read(config.latent.vae_workdir, step=step)
+    if vae.config.get("family") != "vae":
+        raise ValueError(f"config key 'latent.vae_workdir': {config.latent.vae_workdir!r} holds a "
+                         f"{vae.config.get('family')!r} model, not a VAE")
+    module = vae_module(settings(config))
     encode_fn = jax.jit(lambda p, x, tok: module.apply({"params": p}, x, tok, method=type(module).encode)[0])
     means = []
     for _, batch in zip(range(max(1, config.latent.stats_batches)), batches):
@@ -239,72 +265,79 @@ def prepare(params, config, batches):
 
 
 def objectives(model, config):
-    s = schedule(config)
+    s = settings(config)
+    schedule = noise_schedule(s)
     loss_cfg = config.loss
     text = _reads_text(model)
 
-    def loss_fn(params, batch, rng, step):
+    def loss_fn(params, batch, rng, step, model_state):
         images, tokens = batch["image"], batch["tokens"]
-        x0 = encode(model, params, config, images, tokens)
+        x0 = encode(params, s, images, tokens)
         t_key, noise_key, drop_key, dropout_key = jax.random.split(rng, 4)
         batch_size = x0.shape[0]
-        t = jax.random.randint(t_key, (batch_size,), 0, s.num_timesteps)
+        t = jax.random.randint(t_key, (batch_size,), 0, schedule.num_timesteps)
         noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
-        x_t = sched.q_sample(s, x0, t, noise)
+        x_t = sched.q_sample(schedule, x0, t, noise)
         cond = None
         if text:
             drop = jax.random.bernoulli(drop_key, loss_cfg.p_uncond, (batch_size,))
-            cond = jnp.where(drop[:, None], empty_tokens(config, batch_size), tokens)
+            cond = jnp.where(drop[:, None], empty_tokens(s, batch_size), tokens)
         out = model.apply({"params": params["unet"]}, x_t, t, cond, train=True, rngs={"dropout": dropout_key})
-        target = sched.model_target(loss_cfg.prediction, x0, noise, s, t)
+        target = sched.model_target(loss_cfg.prediction, x0, noise, schedule, t)
         per_example = jnp.mean(jnp.square(out.astype(jnp.float32) - target), axis=tuple(range(1, x0.ndim)))
-        weights = sched.loss_weights(loss_cfg.weighting, loss_cfg.prediction, s, t, loss_cfg.snr_gamma)
+        weights = sched.loss_weights(loss_cfg.weighting, loss_cfg.prediction, schedule, t, loss_cfg.snr_gamma)
         loss = jnp.mean(weights * per_example)
-        return loss, {"mse": jnp.mean(per_example)}
+        return loss, LossAux({"mse": jnp.mean(per_example)}, model_state)
 
     return (Objective("diffusion", loss_fn, params_key="unet"),)
 
 
 def evaluate(model, params, batch, config):
     """Denoising error on test data at fixed noise levels and noise: comparable across steps."""
-    s = schedule(config)
-    x0 = encode(model, params, config, batch["image"], batch["tokens"])
+    s = settings(config)
+    schedule = noise_schedule(s)
+    x0 = encode(params, s, batch["image"], batch["tokens"])
     metrics = {}
     for frac in (0.1, 0.5, 0.9):
-        t = jnp.full((x0.shape[0],), int(frac * (s.num_timesteps - 1)), jnp.int32)
+        t = jnp.full((x0.shape[0],), int(frac * (schedule.num_timesteps - 1)), jnp.int32)
         noise = jax.random.normal(jax.random.key(int(frac * 1000)), x0.shape)
-        x_t = sched.q_sample(s, x0, t, noise)
+        x_t = sched.q_sample(schedule, x0, t, noise)
         out = model.apply({"params": params["unet"]}, x_t, t, batch["tokens"] if _reads_text(model) else None)
-        x0_hat, _ = sched.predict_x0_eps(config.loss.prediction, out.astype(jnp.float32), x_t, s, t)
+        x0_hat, _ = sched.predict_x0_eps(s.prediction, out.astype(jnp.float32), x_t, schedule, t)
         metrics[f"x0_mse_t{int(frac * 100)}"] = jnp.mean(jnp.square(x0_hat - x0))
     metrics["x0_mse"] = jnp.mean(jnp.stack(list(metrics.values())))
     return metrics
 
 
 # ---------------------------------------------------------------------------------------------
-# The guided denoiser, and what a trained model does with it
+# The guided denoiser, and what a trained model does with it. Each ability takes
+# (model, params, settings, arrays..., guidance, uncond_tokens, *, static options); the
+# caller (mmjax.handles) fills the sampling defaults from the config's `sample` section.
 # ---------------------------------------------------------------------------------------------
 
 def _text(model, params, tokens):
     return model.apply({"params": params["unet"]}, tokens, method=UNet.encode_text)
 
 
-def make_denoiser(model, params, config, tokens, uncond_tokens, guidance, weights=None, tokens_b=None):
+def make_denoiser(model, params, s: Settings, tokens, uncond_tokens, guidance, weights=None, tokens_b=None):
     """`(x_t, t) -> (x0, eps)` with classifier-free guidance.
 
     One UNet call per step evaluates the conditional and unconditional rows together:
     `out = out_u + guidance * (out_c - out_u)` (guidance 1 = conditional, 0 = unconditional).
-    With `tokens_b` and per-row `weights`, the conditional output is the blend
+    `uncond_tokens` (None = the empty caption) is what guidance steers away from: a negative
+    prompt. With `tokens_b` and per-row `weights`, the conditional output is the blend
     `(1 - w) * out(a) + w * out(b)`: interpolation between two prompts. In pixel space the
     x0 estimate is clipped to [-1, 1].
     """
-    s = schedule(config)
-    pixel = vae_module(config) is None
+    schedule = noise_schedule(s)
+    pixel = vae_module(s) is None
     unet = {"params": params["unet"]}
     if not _reads_text(model):
         def raw(x, t):
             return model.apply(unet, x, t, None, method=UNet.denoise)
     else:
+        if uncond_tokens is None:
+            uncond_tokens = empty_tokens(s, tokens.shape[0])
         groups = [tokens, uncond_tokens] + ([tokens_b] if tokens_b is not None else [])
         text = _text(model, params, jnp.concatenate(groups))
         n = len(groups)
@@ -320,9 +353,9 @@ def make_denoiser(model, params, config, tokens, uncond_tokens, guidance, weight
             return out_u + guidance * (out_c - out_u)
 
     def denoise(x, t):
-        x0, eps = sched.predict_x0_eps(config.loss.prediction, raw(x, t).astype(jnp.float32), x, s, t)
+        x0, eps = sched.predict_x0_eps(s.prediction, raw(x, t).astype(jnp.float32), x, schedule, t)
         if pixel:
-            alpha, sigma = sched.alpha_sigma(s, t)
+            alpha, sigma = sched.alpha_sigma(schedule, t)
             shape = (-1,) + (1,) * (x.ndim - 1)
             x0 = jnp.clip(x0, -1, 1)
             eps = (x - alpha.reshape(shape) * x0) / sigma.reshape(shape)
@@ -331,43 +364,33 @@ def make_denoiser(model, params, config, tokens, uncond_tokens, guidance, weight
     return denoise
 
 
-def _uncond(config, tokens, uncond_tokens):
-    return empty_tokens(config, tokens.shape[0]) if uncond_tokens is None else uncond_tokens
-
-
-def generate(model, params, config, tokens, rng, guidance=None, uncond_tokens=None, *,
-             sampler=None, steps=None, eta=None):
+def generate(model, params, s: Settings, tokens, rng, guidance, uncond_tokens=None, *, sampler, steps, eta):
     """One image per row of `tokens`, from noise; `uncond_tokens` is the negative prompt."""
-    sampler = sampler or config.sample.sampler
-    steps = steps or config.sample.steps
-    eta = config.sample.eta if eta is None else eta
-    guidance = config.sample.guidance if guidance is None else guidance
     noise_key, sample_key = jax.random.split(rng)
-    x_T = jax.random.normal(noise_key, (tokens.shape[0],) + x0_shape(config))
-    denoise = make_denoiser(model, params, config, tokens, _uncond(config, tokens, uncond_tokens), guidance)
-    x0 = samplers.sample(denoise, schedule(config), x_T, sample_key, sampler=sampler, steps=steps, eta=eta)
-    return decode(model, params, config, x0, tokens)
+    x_T = jax.random.normal(noise_key, (tokens.shape[0],) + x0_shape(s))
+    denoise = make_denoiser(model, params, s, tokens, uncond_tokens, guidance)
+    x0 = samplers.sample(denoise, noise_schedule(s), x_T, sample_key, sampler=sampler, steps=steps, eta=eta)
+    return decode(params, s, x0, tokens)
 
 
-def img2img(model, params, config, images, tokens, rng, guidance=None, *, strength, sampler=None, steps=None):
+def img2img(model, params, s: Settings, images, tokens, rng, guidance, uncond_tokens=None, *, strength,
+            sampler, steps):
     """SDEdit: noise the images to `strength` of the way and denoise them toward the prompt."""
-    guidance = config.sample.guidance if guidance is None else guidance
-    x0 = encode(model, params, config, images, tokens)
-    denoise = make_denoiser(model, params, config, tokens, empty_tokens(config, tokens.shape[0]), guidance)
-    out = samplers.img2img(denoise, schedule(config), x0, rng, strength=strength,
-                           sampler=sampler or config.sample.sampler, steps=steps or config.sample.steps)
-    return decode(model, params, config, out, tokens)
+    x0 = encode(params, s, images, tokens)
+    denoise = make_denoiser(model, params, s, tokens, uncond_tokens, guidance)
+    out = samplers.img2img(denoise, noise_schedule(s), x0, rng, strength=strength, sampler=sampler, steps=steps)
+    return decode(params, s, out, tokens)
 
 
-def inpaint(model, params, config, images, masks, tokens, rng, guidance=None, *, steps=None, resample=4):
+def inpaint(model, params, s: Settings, images, masks, tokens, rng, guidance, uncond_tokens=None, *, steps,
+            resample=4):
     """Regenerates where `masks` [N, H, W] is 1 and keeps the pixels where it is 0.
 
     In latent space the mask is resized to the latent grid (a latent cell is regenerated if
     any of its pixels is masked) and the decoded result is composited back onto the input,
     so unmasked pixels come back exactly as given.
     """
-    guidance = config.sample.guidance if guidance is None else guidance
-    x0 = encode(model, params, config, images, tokens)
+    x0 = encode(params, s, images, tokens)
     masks = masks.astype(jnp.float32)
     if x0.shape[1:3] != images.shape[1:3]:
         factor = images.shape[1] // x0.shape[1]
@@ -375,31 +398,27 @@ def inpaint(model, params, config, images, masks, tokens, rng, guidance=None, *,
     else:
         small = masks
     latent_mask = jnp.broadcast_to(small[..., None], x0.shape)
-    denoise = make_denoiser(model, params, config, tokens, empty_tokens(config, tokens.shape[0]), guidance)
-    out = samplers.inpaint(denoise, schedule(config), x0, latent_mask, rng,
-                           steps=steps or config.sample.steps, resample=resample)
-    decoded = decode(model, params, config, out, tokens)
+    denoise = make_denoiser(model, params, s, tokens, uncond_tokens, guidance)
+    out = samplers.inpaint(denoise, noise_schedule(s), x0, latent_mask, rng, steps=steps, resample=resample)
+    decoded = decode(params, s, out, tokens)
     return jnp.where(masks[..., None] > 0.5, decoded, images)
 
 
-def edit(model, params, config, images, source_tokens, target_tokens, guidance=None, *,
-         strength=0.8, steps=None):
+def edit(model, params, s: Settings, images, source_tokens, target_tokens, rng, guidance, uncond_tokens=None, *,
+         strength, steps, sampler="ddim", eta=0.0):
     """Prompt edit: DDIM-invert the images under their own caption (unguided) up to
-    `strength` of the noise schedule, then sample back with the target caption and guidance:
-    what the two prompts share (the layout, the position, the size) survives the round trip."""
-    guidance = config.sample.guidance if guidance is None else guidance
-    steps = steps or config.sample.steps
-    s = schedule(config)
-    t_end = max(1, int(round(strength * (s.num_timesteps - 1))))
+    `strength` of the noise schedule, then sample back with the target caption, guidance and
+    `sampler`: what the two prompts share (the layout, the position, the size) survives the
+    round trip. `rng` drives stochastic samplers (ddpm, or ddim with eta > 0)."""
+    schedule = noise_schedule(s)
+    t_end = max(1, int(round(strength * (schedule.num_timesteps - 1))))
     sub_steps = max(1, int(round(strength * steps)))
-    empty = empty_tokens(config, source_tokens.shape[0])
-    x0 = encode(model, params, config, images, source_tokens)
-    invert = make_denoiser(model, params, config, source_tokens, empty, 1.0)
-    x_t = samplers.ddim_invert(invert, s, x0, steps=sub_steps, t_end=t_end)
-    regen = make_denoiser(model, params, config, target_tokens, empty, guidance)
-    out = samplers.sample(regen, s, x_t, jax.random.key(0), sampler="ddim", steps=sub_steps, eta=0.0,
-                          t_start=t_end)
-    return decode(model, params, config, out, target_tokens)
+    x0 = encode(params, s, images, source_tokens)
+    invert = make_denoiser(model, params, s, source_tokens, None, 1.0)
+    x_t = samplers.ddim_invert(invert, schedule, x0, steps=sub_steps, t_end=t_end)
+    regen = make_denoiser(model, params, s, target_tokens, uncond_tokens, guidance)
+    out = samplers.sample(regen, schedule, x_t, rng, sampler=sampler, steps=sub_steps, eta=eta, t_start=t_end)
+    return decode(params, s, out, target_tokens)
 
 
 def _slerp(a, b, w):
@@ -411,32 +430,55 @@ def _slerp(a, b, w):
     return jnp.where(theta < 1e-4, (1 - w) * a + w * b, slerped)
 
 
-def interpolate_noise(model, params, config, tokens_a, tokens_b, rng_a, rng_b, guidance=None, *, num,
-                      sampler=None, steps=None):
+def interpolate_prompts(model, params, s: Settings, tokens_a, tokens_b, rng_a, rng_b, guidance, *, num,
+                        sampler, steps):
     """`num` images on a path from (prompt a, seed a) to (prompt b, seed b): the starting
     noise is slerped, the prompts blended in the denoiser's conditional output. Same prompt
     at both ends: seed interpolation; same seed: prompt interpolation."""
-    guidance = config.sample.guidance if guidance is None else guidance
-    shape = x0_shape(config)
+    shape = x0_shape(s)
     noise_a = jax.random.normal(rng_a, shape)
     noise_b = jax.random.normal(rng_b, shape)
     weights = jnp.linspace(0.0, 1.0, num)
     x_T = jax.vmap(lambda w: _slerp(noise_a, noise_b, w))(weights)
     ta = jnp.broadcast_to(tokens_a, (num,) + tokens_a.shape)
     tb = jnp.broadcast_to(tokens_b, (num,) + tokens_b.shape)
-    denoise = make_denoiser(model, params, config, ta, empty_tokens(config, num), guidance,
-                            weights=weights, tokens_b=tb)
-    x0 = samplers.sample(denoise, schedule(config), x_T, jax.random.key(0),
-                         sampler=sampler or config.sample.sampler, steps=steps or config.sample.steps, eta=0.0)
+    denoise = make_denoiser(model, params, s, ta, None, guidance, weights=weights, tokens_b=tb)
+    x0 = samplers.sample(denoise, noise_schedule(s), x_T, jax.random.key(0), sampler=sampler, steps=steps, eta=0.0)
     decode_tokens = jnp.where(weights[:, None] < 0.5, ta, tb)
-    return decode(model, params, config, x0, decode_tokens)
+    return decode(params, s, x0, decode_tokens)
+
+
+def attention_maps(model, params, s: Settings, tokens, rng, guidance, uncond_tokens=None, *, sampler, steps,
+                   eta, noise_levels=(0.2, 0.4, 0.6, 0.8)):
+    """Images as `generate` makes them, and per-token cross-attention maps `[B, H, W, L]`
+    (image resolution) averaged over heads, cross-attention layers and `noise_levels`: the
+    sample is re-noised to each level and the conditional UNet run once there, with the
+    explicit-attention path that sows its probabilities (models/layers.py). The sampling
+    itself runs the fast path."""
+    noise_key, sample_key = jax.random.split(rng)  # as `generate` splits it: the same images
+    maps_key = jax.random.fold_in(rng, 1)
+    x_T = jax.random.normal(noise_key, (tokens.shape[0],) + x0_shape(s))
+    denoise = make_denoiser(model, params, s, tokens, uncond_tokens, guidance)
+    schedule = noise_schedule(s)
+    x0 = samplers.sample(denoise, schedule, x_T, sample_key, sampler=sampler, steps=steps, eta=eta)
+    text = _text(model, params, tokens)
+
+    def maps_at(x_t, t):
+        _, state = model.apply({"params": params["unet"]}, x_t, t, text, method=UNet.denoise,
+                               mutable=[attention_lib.COLLECTION])
+        return state
+
+    levels = [int(f * (schedule.num_timesteps - 1)) for f in noise_levels]
+    maps = attention_lib.timestep_average(maps_at, schedule, x0, levels, maps_key, size=(s.image_size,) * 2)
+    return decode(params, s, x0, tokens), maps
 
 
 def preview(model, params, batch, rng, config):
     """For the first `sample.num` test examples: the real image, then a sample from its caption."""
     n = config.sample.num
     images, tokens = batch["image"][:n], batch["tokens"][:n]
-    sampled = generate(model, params, config, tokens, rng, steps=config.sample.preview_steps)
+    sampled = generate(model, params, settings(config), tokens, rng, config.sample.guidance,
+                       sampler=config.sample.sampler, steps=config.sample.preview_steps, eta=config.sample.eta)
     return jnp.stack([images, sampled], axis=1).reshape((-1,) + images.shape[1:])
 
 
@@ -448,8 +490,9 @@ FAMILY = Family(
     evaluate=evaluate,
     best_metric=("x0_mse", "min"),
     preview=preview,
+    settings=settings,
     abilities={"generate": generate, "img2img": img2img, "inpaint": inpaint, "edit": edit,
-               "interpolate_noise": interpolate_noise},
+               "interpolate_prompts": interpolate_prompts, "attention_maps": attention_maps},
     resolve=resolve,
     validate=validate,
     prepare=prepare,

@@ -24,13 +24,14 @@ from the best of a few random starts, every image its own optimisation, all in o
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
-import optax
 
 from mmjax import sharding
 from mmjax.families import augment as aug
-from mmjax.families.family import Family, Objective
+from mmjax.families.family import Family, LossAux, Objective
 from mmjax.models.gan import GAN, GAN64, SPECTRAL, GANSmall, GANTiny
 
 VARIANTS = {"tiny": GANTiny, "small": GANSmall, "64": GAN64}
@@ -100,7 +101,7 @@ def objectives(model, config):
             new_p = jnp.clip(p + jnp.sign(r_t - loss_cfg.ada_target) * loss_cfg.ada_speed, 0.0, loss_cfg.ada_p_max)
         metrics = {"real_logit": jnp.mean(real_logit), "fake_logit": jnp.mean(fake_logit),
                    "mismatch_logit": jnp.mean(mismatch_logit), "r1": r1, "ada_r_t": r_t, "ada_p": p}
-        return loss, (metrics, {**model_state, SPECTRAL: spectral, "ada_p": new_p})
+        return loss, LossAux(metrics, {**model_state, SPECTRAL: spectral, "ada_p": new_p})
 
     def g_loss(params, batch, rng, step, model_state):
         tokens = batch["tokens"]
@@ -110,13 +111,34 @@ def objectives(model, config):
         logits, _ = _discriminate(model, params, model_state[SPECTRAL], augment(fake, k_aug, model_state["ada_p"]),
                                   tokens, update=False)
         loss = -jnp.mean(logits.astype(jnp.float32))
-        return loss, ({}, model_state)
+        return loss, LossAux({}, model_state)
 
-    return (Objective("discriminator", d_loss, params_key="discriminator", optim_section="optim_d", stateful=True),
-            Objective("generator", g_loss, params_key="generator", optim_section="optim", stateful=True))
+    return (Objective("discriminator", d_loss, params_key="discriminator", optim_section="optim_d"),
+            Objective("generator", g_loss, params_key="generator", optim_section="optim"))
 
 
 # --- sampling and editing (params: the EMA parameters of both networks) ----------------------
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The part of a GAN config its abilities read: defaults of sampling and inversion."""
+    max_len: int
+    truncation: float = 0.0  # 0 = off
+    invert_steps: int = 300
+    invert_lr: float = 0.05
+    invert_z_reg: float = 1e-3
+    invert_offset_reg: float = 1e-2
+    edit_source_layers: int | None = None  # None = half the generator's layers
+
+
+def settings(config) -> Settings:
+    sample = config.sample
+    return Settings(max_len=config.data.max_len, truncation=sample.get("truncation", 0.0),
+                    invert_steps=sample.get("invert_steps", 300), invert_lr=sample.get("invert_lr", 0.05),
+                    invert_z_reg=sample.get("invert_z_reg", 1e-3),
+                    invert_offset_reg=sample.get("invert_offset_reg", 1e-2),
+                    edit_source_layers=sample.get("edit_source_layers", None))
+
 
 def _latents(model, rng, n: int, truncation: float | None):
     """z ~ N(0, I); with `truncation` t, each coordinate from the normal truncated to [-t, t]
@@ -128,18 +150,19 @@ def _latents(model, rng, n: int, truncation: float | None):
     return jax.random.truncated_normal(rng, -truncation, truncation, (n, model.z_dim))
 
 
-def generate(model, params, config, tokens, rng, *, truncation: float | None = None):
+def generate(model, params, s: Settings, tokens, rng, *, truncation: float | None = None):
     """One image per row of `tokens` from the EMA generator."""
-    truncation = config.sample.get("truncation", 0.0) if truncation is None else truncation
+    truncation = s.truncation if truncation is None else truncation
     z = _latents(model, rng, tokens.shape[0], truncation or None)
     return _generate(model, params, z, tokens)
 
 
-def encode_text(model, params, config, tokens):
+def encode_text(model, params, tokens):
     return model.apply({"params": params}, tokens, method=GAN.encode_text)
 
 
-def synthesize(model, params, z, text):
+def synthesize(model, params, s, z, text):
+    """Latents (z [N, z_dim] or z+ [N, layers, z_dim]) and caption vectors -> images."""
     return model.apply({"params": params}, z, text, method=GAN.synthesize)
 
 
@@ -152,7 +175,7 @@ def _shard_batch(x):
     return x
 
 
-def invert(model, params, config, images, tokens=None, *, steps: int | None = None, lr: float | None = None,
+def invert(model, params, s: Settings, images, tokens=None, *, steps: int | None = None, lr: float | None = None,
            plus: bool = True, restarts: int = 8, seed: int = 0):
     """Latents that reconstruct `images` [N, H, W, 3] in [-1, 1].
 
@@ -162,25 +185,26 @@ def invert(model, params, config, images, tokens=None, *, steps: int | None = No
     (z+), kept small by `sample.invert_offset_reg`; z itself is pulled toward the prior by
     `sample.invert_z_reg`. Each image starts from the best of `restarts` random z.
     """
-    steps = config.sample.get("invert_steps", 300) if steps is None else steps
-    lr = config.sample.get("invert_lr", 0.05) if lr is None else lr
+    import optax  # inversion's optimizer: only a GAN that inverts pays for the import
+
+    steps = s.invert_steps if steps is None else steps
+    lr = s.invert_lr if lr is None else lr
     if steps < 0 or restarts < 1:
         raise ValueError(f"need steps >= 0 and restarts >= 1, got {steps} and {restarts}")
     n, layers, z_dim = images.shape[0], model.num_layers, model.z_dim
     images = _shard_batch(images.astype(jnp.float32))
     optimize_text = tokens is None
     if tokens is None:
-        tokens = jnp.zeros((n, config.data.max_len), jnp.int32)
-    text0 = _shard_batch(encode_text(model, params, config, tokens))
+        tokens = jnp.zeros((n, s.max_len), jnp.int32)
+    text0 = _shard_batch(encode_text(model, params, tokens))
 
     # The best of `restarts` random starting points per image, all in one batched call.
     candidates = jax.random.normal(jax.random.key(seed), (restarts, n, z_dim))
-    trial = synthesize(model, params, candidates.reshape(restarts * n, z_dim), jnp.tile(text0, (restarts, 1)))
+    trial = synthesize(model, params, s, candidates.reshape(restarts * n, z_dim), jnp.tile(text0, (restarts, 1)))
     errors = jnp.mean(jnp.square(trial.reshape((restarts, n) + images.shape[1:]) - images[None]), axis=(2, 3, 4))
     z0 = _shard_batch(jnp.take_along_axis(candidates, jnp.argmin(errors, axis=0)[None, :, None], axis=0)[0])
 
-    z_reg = config.sample.get("invert_z_reg", 1e-3)
-    offset_reg = config.sample.get("invert_offset_reg", 1e-2)
+    z_reg, offset_reg = s.invert_z_reg, s.invert_offset_reg
     optimizer = optax.adam(lr)
 
     def compose(latent):
@@ -191,7 +215,7 @@ def invert(model, params, config, images, tokens=None, *, steps: int | None = No
         latent = {"z": z_start, "offset": jnp.zeros((layers, z_dim)), "text": text}
 
         def loss(lat):
-            out = synthesize(model, params, compose(lat)[None], (lat["text"] if optimize_text else text)[None])[0]
+            out = synthesize(model, params, s, compose(lat)[None], (lat["text"] if optimize_text else text)[None])[0]
             mse = jnp.mean(jnp.square(out - image))
             return mse + z_reg * jnp.mean(jnp.square(lat["z"])) + offset_reg * jnp.mean(jnp.square(lat["offset"]))
 
@@ -206,17 +230,17 @@ def invert(model, params, config, images, tokens=None, *, steps: int | None = No
         return compose(latent), final_text
 
     z, text = jax.vmap(one_image)(images, text0, z0)
-    return z, text, synthesize(model, params, z, text)
+    return z, text, synthesize(model, params, s, z, text)
 
 
-def reconstruct(model, params, config, images, tokens=None, *, steps: int | None = None, lr: float | None = None,
+def reconstruct(model, params, s: Settings, images, tokens=None, *, steps: int | None = None, lr: float | None = None,
                 plus: bool = True, restarts: int = 8, seed: int = 0):
     """Inversion's reconstructions (what `mmjax.evaluate` scores as PSNR/SSIM)."""
-    return invert(model, params, config, images, tokens, steps=steps, lr=lr, plus=plus, restarts=restarts,
+    return invert(model, params, s, images, tokens, steps=steps, lr=lr, plus=plus, restarts=restarts,
                   seed=seed)[2]
 
 
-def edit(model, params, config, images, source_tokens, target_tokens, *, steps: int | None = None,
+def edit(model, params, s: Settings, images, source_tokens, target_tokens, *, steps: int | None = None,
          lr: float | None = None, plus: bool = True, restarts: int = 8, seed: int = 0,
          source_layers: int | None = None):
     """Inverts each image under its caption, then regenerates its latent under the target
@@ -228,26 +252,26 @@ def edit(model, params, config, images, source_tokens, target_tokens, *, steps: 
     painted: 0 regenerates wholly under the target caption.
     """
     if source_layers is None:
-        source_layers = config.sample.get("edit_source_layers", model.num_layers // 2)
+        source_layers = model.num_layers // 2 if s.edit_source_layers is None else s.edit_source_layers
     if not 0 <= source_layers < model.num_layers:
         raise ValueError(f"source_layers must be in [0, {model.num_layers - 1}], got {source_layers}")
-    z, source_text, _ = invert(model, params, config, images, source_tokens, steps=steps, lr=lr, plus=plus,
+    z, source_text, _ = invert(model, params, s, images, source_tokens, steps=steps, lr=lr, plus=plus,
                                restarts=restarts, seed=seed)
-    target_text = encode_text(model, params, config, target_tokens)
+    target_text = encode_text(model, params, target_tokens)
     text = jnp.stack([source_text if i < source_layers else target_text for i in range(model.num_layers)], axis=1)
-    return synthesize(model, params, z, text)
+    return synthesize(model, params, s, z, text)
 
 
-def encode_latent(model, params, config, images, tokens=None):
+def encode_latent(model, params, s: Settings, images, tokens=None):
     """Images -> z+ latents [N, num_layers, z_dim] by inversion (CLIP guidance starts here)."""
-    return invert(model, params, config, images, tokens)[0]
+    return invert(model, params, s, images, tokens)[0]
 
 
-def decode_latent(model, params, config, z, tokens=None):
+def decode_latent(model, params, s: Settings, z, tokens=None):
     """z (or z+) latents -> images under the caption (differentiable: CLIP guidance steers it)."""
     if tokens is None:
-        tokens = jnp.zeros((z.shape[0], config.data.max_len), jnp.int32)
-    return synthesize(model, params, z, encode_text(model, params, config, tokens))
+        tokens = jnp.zeros((z.shape[0], s.max_len), jnp.int32)
+    return synthesize(model, params, s, z, encode_text(model, params, tokens))
 
 
 def _slerp(a, b, t):
@@ -259,19 +283,19 @@ def _slerp(a, b, t):
     return jnp.where(so < 1e-6, lerp, slerp)
 
 
-def interpolate_noise(model, params, config, tokens_a, tokens_b, rng_a, rng_b, *, num: int,
+def interpolate_prompts(model, params, s: Settings, tokens_a, tokens_b, rng_a, rng_b, *, num: int,
                       truncation: float | None = None):
     """`num` images from (prompt a, seed a) to (prompt b, seed b): z slerped, the caption
     vectors blended linearly. Same prompt at both ends walks between latents; same seed,
     between prompts."""
-    truncation = config.sample.get("truncation", 0.0) if truncation is None else truncation
+    truncation = s.truncation if truncation is None else truncation
     za = _latents(model, rng_a, 1, truncation or None)[0]
     zb = _latents(model, rng_b, 1, truncation or None)[0]
-    texts = encode_text(model, params, config, jnp.stack([tokens_a, tokens_b]))
+    texts = encode_text(model, params, jnp.stack([tokens_a, tokens_b]))
     weights = jnp.linspace(0.0, 1.0, num)
     z = jax.vmap(lambda t: _slerp(za, zb, t))(weights)
     text = (1 - weights)[:, None] * texts[0] + weights[:, None] * texts[1]
-    return synthesize(model, params, z, text)
+    return synthesize(model, params, s, z, text)
 
 
 def evaluate(model, params, batch, config):
@@ -280,7 +304,7 @@ def evaluate(model, params, batch, config):
     generator learns to cover the data."""
     n = min(16, batch["image"].shape[0])
     images = batch["image"][:n]
-    _, _, recon = invert(model, params, config, images, batch["tokens"][:n], steps=50)
+    _, _, recon = invert(model, params, settings(config), images, batch["tokens"][:n], steps=50)
     mse = jnp.mean(jnp.square((jnp.clip(recon, -1, 1) - images) / 2.0), axis=(1, 2, 3))
     return {"invert_psnr": jnp.mean(10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10)))}
 
@@ -290,8 +314,8 @@ def preview(model, params, batch, rng, config):
     n = config.sample.num
     images, tokens = batch["image"][:n], batch["tokens"][:n]
     k1, k2 = jax.random.split(rng)
-    a = generate(model, params, config, tokens, k1)
-    b = generate(model, params, config, tokens, k2)
+    a = generate(model, params, settings(config), tokens, k1)
+    b = generate(model, params, settings(config), tokens, k2)
     return jnp.stack([images, a, b], axis=1).reshape((-1,) + images.shape[1:])
 
 
@@ -343,9 +367,9 @@ FAMILY = Family(
     evaluate=evaluate,
     best_metric=None,
     preview=preview,
+    settings=settings,
     abilities={"generate": generate, "invert": invert, "reconstruct": reconstruct, "edit": edit,
-               "interpolate_noise": interpolate_noise, "encode_latent": encode_latent,
-               "decode_latent": decode_latent},
+               "synthesize": synthesize, "interpolate_prompts": interpolate_prompts,
+               "encode_latent": encode_latent, "decode_latent": decode_latent},
     validate=validate,
-    stateful=True,
 )

@@ -12,10 +12,12 @@ takes its place; with one Gaussian it is exact.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from mmjax.families.family import Family, Objective
+from mmjax.families.family import Family, LossAux, Objective
 from mmjax.models import prior as prior_lib
 from mmjax.models.vae import VAE, CondVAE64, CondVAESmall, CondVAETiny, VAE64, VAESmall, VAETiny
 
@@ -35,7 +37,7 @@ def _tokens(model, batch_or_tokens):
 def init(model, rng, batch, config):
     params_key, noise_key = jax.random.split(rng)
     variables = model.init({"params": params_key, "noise": noise_key}, batch["image"], _tokens(model, batch))
-    return variables["params"]
+    return variables["params"], None
 
 
 def psnr(images, references) -> jax.Array:
@@ -56,7 +58,7 @@ def kl_per_pixel(mean, logvar, prior: dict, num_pixels: int) -> jax.Array:
 def objectives(model, config):
     beta, warmup = config.loss.beta, config.loss.kl_warmup_steps
 
-    def loss_fn(params, batch, rng, step):
+    def loss_fn(params, batch, rng, step, model_state):
         images = batch["image"]
         recon, aux = model.apply({"params": params}, images, _tokens(model, batch), train=True,
                                  rngs={"noise": rng, "dropout": jax.random.fold_in(rng, 1)})
@@ -64,44 +66,54 @@ def objectives(model, config):
         kl = kl_per_pixel(aux["mean"], aux["logvar"], aux["prior"], images[0].size)
         kl_weight = beta * jnp.minimum(1.0, (step + 1.0) / max(warmup, 1))
         loss = mse + kl_weight * kl
-        return loss, {"mse": mse, "kl": kl, "kl_weight": kl_weight}
+        return loss, LossAux({"mse": mse, "kl": kl, "kl_weight": kl_weight}, model_state)
 
     return (Objective("vae", loss_fn),)
 
 
-def reconstruct(model, params, config, images, tokens=None):
+def reconstruct(model, params, s, images, tokens=None):
     """Encode to the posterior mean and decode: deterministic."""
     tokens = _tokens(model, tokens)
     mean, _ = model.apply({"params": params}, images, tokens, method=VAE.encode)
     return jnp.clip(model.apply({"params": params}, mean, tokens, method=VAE.decode), -1, 1)
 
 
-def encode_latent(model, params, config, images, tokens=None):
+def encode_latent(model, params, s, images, tokens=None):
     """Images -> posterior means (the latents an edit starts from)."""
     return model.apply({"params": params}, images, _tokens(model, tokens), method=VAE.encode)[0]
 
 
-def decode_latent(model, params, config, z, tokens=None):
+def decode_latent(model, params, s, z, tokens=None):
     """Latents -> images in [-1, 1] (differentiable: CLIP guidance steers through it)."""
     return jnp.clip(model.apply({"params": params}, z, _tokens(model, tokens), method=VAE.decode), -1, 1)
 
 
-def latent_shape(model, config) -> tuple[int, int, int]:
-    side = config.data.image_size // (2 ** (len(model.widths) - 1))
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The part of a VAE config its abilities read."""
+    image_size: int
+
+
+def settings(config) -> Settings:
+    return Settings(image_size=config.data.image_size)
+
+
+def latent_shape(model, s: Settings) -> tuple[int, int, int]:
+    side = s.image_size // (2 ** (len(model.widths) - 1))
     return (side, side, model.latent_channels)
 
 
-def generate(model, params, config, tokens, rng, temperature: float = 1.0):
+def generate(model, params, s: Settings, tokens, rng, *, temperature: float = 1.0):
     """One image per row of `tokens`: z from the prior (learned p(z | caption), or N(0, I)):
     a mixture component by its weight, its spread scaled by `temperature`; then decoded."""
     tokens = _tokens(model, tokens) if model.text is not None else jnp.zeros((tokens.shape[0], 1), jnp.int32)
-    shape = latent_shape(model, config)
+    shape = latent_shape(model, s)
     prior = model.apply({"params": params}, tokens, shape, method=VAE.prior)
     z = prior_lib.sample(prior, rng, temperature)
     return jnp.clip(model.apply({"params": params}, z, _tokens(model, tokens), method=VAE.decode), -1, 1)
 
 
-def interpolate(model, params, config, image_a, image_b, tokens_a=None, tokens_b=None, *, num: int):
+def interpolate_images(model, params, s, image_a, image_b, tokens_a=None, tokens_b=None, *, num: int):
     """Decodes `num` evenly spaced points between the two images' posterior means.
 
     Integer tokens cannot be blended: with a caption-reading model the first half of the path
@@ -120,7 +132,7 @@ def interpolate(model, params, config, image_a, image_b, tokens_a=None, tokens_b
 
 
 def evaluate(model, params, batch, config):
-    recon = reconstruct(model, params, config, batch["image"], batch.get("tokens"))
+    recon = reconstruct(model, params, settings(config), batch["image"], batch.get("tokens"))
     return {"psnr": jnp.mean(psnr(recon, batch["image"])),
             "mse": jnp.mean(jnp.square(recon - batch["image"]))}
 
@@ -129,8 +141,9 @@ def preview(model, params, batch, rng, config):
     """For the first `sample.num` test examples: input, reconstruction, sample from the caption."""
     n = config.sample.num
     images, tokens = batch["image"][:n], batch["tokens"][:n]
-    recon = reconstruct(model, params, config, images, tokens)
-    sampled = generate(model, params, config, tokens, rng)
+    s = settings(config)
+    recon = reconstruct(model, params, s, images, tokens)
+    sampled = generate(model, params, s, tokens, rng)
     return jnp.stack([images, recon, sampled], axis=1).reshape((-1,) + images.shape[1:])
 
 
@@ -142,6 +155,7 @@ FAMILY = Family(
     evaluate=evaluate,
     best_metric=("psnr", "max"),
     preview=preview,
-    abilities={"generate": generate, "reconstruct": reconstruct, "interpolate": interpolate,
+    settings=settings,
+    abilities={"generate": generate, "reconstruct": reconstruct, "interpolate": interpolate_images,
                "encode_latent": encode_latent, "decode_latent": decode_latent},
 )

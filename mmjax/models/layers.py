@@ -134,6 +134,7 @@ class Upsample(nn.Module):
 
 
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+MAPS = "attention_maps"  # the collection cross-attention sows its probabilities into
 
 
 def _pad_axis1(x, pad):
@@ -157,6 +158,35 @@ def _cudnn_attention(q, k, v, mask):
     return out[:, :length]
 
 
+def _key_mask(mask):
+    """`[B, S]` or broadcastable mask -> `[B, heads|1, T|1, S]` bool in which a query with
+    every key masked attends to all keys (one rule for every attention path)."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask, bool)
+    if mask.ndim == 2:
+        mask = mask[:, None, None, :]
+    return mask | ~jnp.any(mask, axis=-1, keepdims=True)
+
+
+def attention_with_weights(q, k, v, mask=None) -> tuple[jax.Array, jax.Array]:
+    """`attention` computed explicitly: (output `[B, T, heads, d]` in `q`'s dtype, the float32
+    probabilities `[B, heads, T, S]`).
+
+    The fused kernels never materialise the probabilities, so this path exists only for
+    callers that need them (cross-attention maps); it costs a `[B, heads, T, S]` float32
+    array and runs in float32 whatever the inputs' dtype. Same masking rule as `attention`.
+    """
+    logits = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k.astype(jnp.float32))
+    logits = logits / math.sqrt(q.shape[-1])
+    mask = _key_mask(mask)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhts,bshd->bthd", weights, v.astype(jnp.float32))
+    return out.astype(q.dtype), weights
+
+
 def attention(q, k, v, mask=None, implementation: str | None = None) -> jax.Array:
     """`softmax(q k^T / sqrt(d)) v` over `[B, T, heads, d]` queries and `[B, S, heads, d]` keys.
 
@@ -169,11 +199,7 @@ def attention(q, k, v, mask=None, implementation: str | None = None) -> jax.Arra
     attention otherwise; 'xla' or 'cudnn' force one. Whichever ran is visible in the compiled
     HLO as a `__cudnn$fmha` custom call (`mmjax.bench` counts them).
     """
-    if mask is not None:
-        mask = jnp.asarray(mask, bool)
-        if mask.ndim == 2:
-            mask = mask[:, None, None, :]
-        mask = mask | ~jnp.any(mask, axis=-1, keepdims=True)
+    mask = _key_mask(mask)
     if implementation not in (None, "xla", "cudnn"):
         raise ValueError(f"attention implementation must be None, 'xla' or 'cudnn', got {implementation!r}")
     if implementation == "cudnn":
@@ -194,6 +220,14 @@ class Attention(nn.Module):
     anything `jax.nn.dot_product_attention` accepts (broadcastable to `[B, heads, N, M]`).
     `implementation`: None picks the fastest eligible kernel (see `attention`), 'xla' or
     'cudnn' force one.
+
+    Cross-attention maps: when the "attention_maps" collection is mutable
+    (`apply(..., mutable=["attention_maps"])`), a cross-attention layer computes its
+    probabilities explicitly (`attention_with_weights`) and sows their mean over heads as
+    `attention_maps/.../weights`, a tuple of float32 `[B, ..., M]` arrays (the query's middle
+    axes restored, e.g. `[B, H, W, M]` for a feature map). The choice is made while tracing,
+    so a call without that collection compiles exactly the fused path and sows nothing.
+    `init` never sows, so the maps never land in a model's variables.
     """
 
     num_heads: int
@@ -209,13 +243,19 @@ class Attention(nn.Module):
     ) -> jax.Array:
         shape = x.shape
         x = x.reshape(shape[0], -1, shape[-1])
-        context = x if context is None else context
+        cross = context is not None
+        context = context if cross else x
         head_dim = self.head_dim or shape[-1] // self.num_heads
         proj = lambda name: nn.DenseGeneral(  # noqa: E731
             (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
         q, k, v = proj("query")(x), proj("key")(context), proj("value")(context)
-        out = attention(q, k, v, mask, self.implementation)
+        if cross and self.is_mutable_collection(MAPS) and not self.is_initializing():
+            out, weights = attention_with_weights(q, k, v, mask)
+            maps = weights.mean(axis=1)
+            self.sow(MAPS, "weights", maps.reshape(*shape[:-1], maps.shape[-1]))
+        else:
+            out = attention(q, k, v, mask, self.implementation)
         out = nn.DenseGeneral(
             self.out_features or shape[-1],
             axis=(-2, -1),

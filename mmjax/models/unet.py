@@ -41,7 +41,12 @@ from mmjax.models.text import TextEncoder, TextEncoderTiny
 
 
 class AttentionBlock(nn.Module):
-    """Residual `x + Attention(GroupNorm(x), context)`: self-attention when `context` is None."""
+    """Residual `x + Attention(GroupNorm(x), context)`: self-attention when `context` is None.
+
+    With a context and `mutable=["attention_maps"]`, its Attention sows the per-token
+    cross-attention maps `[B, H, W, L]` (see layers.Attention; sampling/attention_maps.py
+    turns them into per-word heat maps).
+    """
 
     num_heads: int
     head_dim: int | None = None
@@ -240,12 +245,3 @@ LDM64 = functools.partial(
     attn_levels=(0, 1), cross_attn_levels=(0, 1), channels_per_head=64,
     text=functools.partial(TextEncoder, width=512, depth=4, num_heads=8, max_len=77),
 )
-
-VARIANTS = {
-    "UNetTiny": UNetTiny,
-    "UNetSmall": UNetSmall,
-    "UNetLatentSmall": UNetLatentSmall,
-    "DDPM32": DDPM32,
-    "DDPM32Text": DDPM32Text,
-    "LDM64": LDM64,
-}

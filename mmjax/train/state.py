@@ -6,11 +6,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import struct
 
-from mmjax.families.family import Objective
+from mmjax.families.family import Objective, example_batch
 
 
 @struct.dataclass
@@ -21,7 +20,7 @@ class TrainState:
     ema_params: Any
     rng: jax.Array  # raw uint32 key data: checkpoints hold plain arrays, never typed keys
     # Variables no optimizer trains but the objectives update (spectral-norm vectors, an
-    # augmentation probability); {} for most families, which adds no checkpoint leaves.
+    # augmentation probability); None for most families, which adds no checkpoint leaves.
     model_state: Any = None
 
 
@@ -69,27 +68,13 @@ def objective_params(params, objective: Objective):
     return params if objective.params_key is None else params[objective.params_key]
 
 
-def example_batch(config, batch_size: int = 1) -> dict[str, np.ndarray]:
-    """Zeros shaped like one pipeline batch: enough to initialise any family's model."""
-    size = config.data.image_size
-    labels = {k: np.zeros((batch_size,), np.int32) for k in ("shape", "color", "size", "position")}
-    return {
-        "image": np.zeros((batch_size, size, size, 3), np.float32),
-        "tokens": np.zeros((batch_size, config.data.max_len), np.int32),
-        **labels,
-    }
-
-
 def create_state(family, model, config, optimizers: dict[str, optax.GradientTransformation],
                  objectives: tuple[Objective, ...]) -> TrainState:
     """Pure: called under `jax.jit(..., out_shardings=...)`, or `jax.eval_shape` for the target."""
     key = jax.random.key(config.train.seed)
     init_key, state_key = jax.random.split(key)
     batch = {k: jnp.asarray(v) for k, v in example_batch(config).items()}
-    params = family.init(model, init_key, batch, config)
-    model_state = None
-    if family.stateful:
-        params, model_state = params
+    params, model_state = family.init(model, init_key, batch, config)
     opt_state = {
         obj.name: optimizers[obj.name].init(objective_params(params, obj)) for obj in objectives
     }

@@ -40,35 +40,29 @@ def _split_microbatches(batch, grad_accum: int):
 
 def _grads(objective: Objective, params, batch, key, step, grad_accum: int, model_state):
     """Loss, metrics, gradients (averaged over `grad_accum` microbatches) and the model state
-    after the objective (threaded through the microbatches in order; unchanged unless the
-    objective is stateful)."""
+    after the objective (threaded through the microbatches in order)."""
     own = objective_params(params, objective)
 
     def loss_of(own_params, microbatch, micro_key, state_in):
         full = own_params if objective.params_key is None else {**params, objective.params_key: own_params}
-        if objective.stateful:
-            loss, (metrics, state_out) = objective.loss_fn(full, microbatch, micro_key, step, state_in)
-        else:
-            (loss, metrics), state_out = objective.loss_fn(full, microbatch, micro_key, step), state_in
-        return loss, (metrics, state_out)
+        return objective.loss_fn(full, microbatch, micro_key, step, state_in)
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
     if grad_accum == 1:
-        (loss, (metrics, model_state)), grads = grad_fn(own, batch, key, model_state)
-        return loss, metrics, grads, model_state
+        (loss, aux), grads = grad_fn(own, batch, key, model_state)
+        return loss, aux.metrics, grads, aux.model_state
 
     micro = _split_microbatches(batch, grad_accum)
 
     def body(carry, inputs):
         total, state_in = carry
         index, microbatch = inputs
-        (loss, (metrics, state_out)), grads = grad_fn(own, microbatch, jax.random.fold_in(key, index), state_in)
-        total = jax.tree.map(jnp.add, total, (loss, metrics, grads))
-        return (total, state_out), None
+        (loss, aux), grads = grad_fn(own, microbatch, jax.random.fold_in(key, index), state_in)
+        total = jax.tree.map(jnp.add, total, (loss, aux.metrics, grads))
+        return (total, aux.model_state), None
 
-    (loss0, (metrics0, _)), grads0 = jax.eval_shape(
-        grad_fn, own, jax.tree.map(lambda x: x[0], micro), key, model_state)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss0, metrics0, grads0))
+    (loss0, aux0), grads0 = jax.eval_shape(grad_fn, own, jax.tree.map(lambda x: x[0], micro), key, model_state)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss0, aux0.metrics, grads0))
     ((loss, metrics, grads), model_state), _ = jax.lax.scan(
         body, (zeros, model_state), (jnp.arange(grad_accum), micro))
     loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum, (loss, metrics, grads))

@@ -21,6 +21,7 @@ def psnr(a_uint8, b_uint8) -> float:
     return 10 * np.log10(255.0 ** 2 / max(mse, 1e-10))
 
 
+@pytest.mark.e2e
 def test_overfits_one_batch():
     config = tiny_config("diffusion_shapes", "optim.lr=3e-3", "optim.warmup_steps=0",
                          "optim.schedule=constant", "loss.weighting=uniform", "loss.p_uncond=0.0")
@@ -31,17 +32,20 @@ def test_overfits_one_batch():
 
 
 @pytest.mark.parametrize("prediction", sched.PREDICTIONS)
+@pytest.mark.e2e
 def test_loss_is_finite_for_every_prediction(prediction):
     config = tiny_config("diffusion_shapes", f"loss.prediction={prediction}")
     *_, history = fit(config, 2)
     assert np.isfinite(history[-1]["loss"]) and history[-1]["nonfinite"] == 0
 
 
+@pytest.mark.e2e
 def test_unconditional_model_trains_and_samples():
     config = tiny_config("diffusion_shapes", "variant=tiny_uncond")
     _, model, state, batch, history = fit(config, 2)
     assert all(np.isfinite(h["loss"]) for h in history)
-    out = diffusion.generate(model, state.ema_params, config, batch["tokens"][:2], jax.random.key(0), steps=3)
+    out = diffusion.generate(model, state.ema_params, diffusion.settings(config), batch["tokens"][:2],
+                             jax.random.key(0), 3.0, sampler="ddim", steps=3, eta=0.0)
     assert out.shape == (2, 16, 16, 3) and bool(jnp.all(jnp.isfinite(out)))
 
 
@@ -55,7 +59,7 @@ def _denoiser_parts(diffusion_run):
     workdir, config, _ = diffusion_run
     model = api.load(workdir)
     batch = one_batch(config, size=4)
-    s = diffusion.schedule(config)
+    s = diffusion.noise_schedule(diffusion.settings(config))
     x = jax.random.normal(jax.random.key(1), batch["image"].shape)
     t = jnp.full((4,), 50, jnp.int32)
     return model, config, batch, s, x, t
@@ -64,7 +68,8 @@ def _denoiser_parts(diffusion_run):
 def test_guidance_one_is_conditional_and_zero_unconditional(diffusion_run):
     model, config, batch, s, x, t = _denoiser_parts(diffusion_run)
     m, params = model.module, model.params
-    empty = diffusion.empty_tokens(config, 4)
+    settings = diffusion.settings(config)
+    empty = diffusion.empty_tokens(settings, 4)
 
     def single(tokens):  # the plain, unguided prediction for these captions
         out = m.apply({"params": params["unet"]}, x, t, tokens)
@@ -72,10 +77,10 @@ def test_guidance_one_is_conditional_and_zero_unconditional(diffusion_run):
         return jnp.clip(x0, -1, 1)
 
     for guidance, tokens in ((1.0, batch["tokens"]), (0.0, empty)):
-        denoise = diffusion.make_denoiser(m, params, config, batch["tokens"], empty, guidance)
+        denoise = diffusion.make_denoiser(m, params, settings, batch["tokens"], empty, guidance)
         np.testing.assert_allclose(denoise(x, t)[0], single(tokens), atol=1e-5)
     # ... and guidance 3 is neither (the model does read the caption).
-    guided = diffusion.make_denoiser(m, params, config, batch["tokens"], empty, 3.0)(x, t)[0]
+    guided = diffusion.make_denoiser(m, params, settings, batch["tokens"], empty, 3.0)(x, t)[0]
     assert float(jnp.max(jnp.abs(guided - single(batch["tokens"])))) > 1e-4
 
 
@@ -129,13 +134,13 @@ def test_img2img_and_inversion_round_trip(diffusion_run):
 def test_interpolate_ends_match_generate(diffusion_run):
     workdir, _, _ = diffusion_run
     model = api.load(workdir)
-    path = model.interpolate(prompt_a="a red circle", prompt_b="a blue square", seed_a=1, seed_b=2, num=3,
-                             sampler="ddim", steps=10)
+    path = model.interpolate_prompts("a red circle", "a blue square", seed_a=1, seed_b=2, num=3,
+                                     sampler="ddim", steps=10)
     assert path.shape == (3, 16, 16, 3)
     ends = [model.generate(["a red circle"], seed=0, sampler="ddim", steps=10)]
     assert ends[0].shape == (1, 16, 16, 3)
-    with pytest.raises(ValueError, match="prompts and seeds"):
-        model.interpolate(np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(NotImplementedError, match="cannot interpolate_images"):
+        model.interpolate_images(np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16, 3), np.uint8))
 
 
 def test_latent_run_freezes_the_vae_and_is_self_contained(ldm_run, vae_run, tmp_path):
@@ -225,12 +230,57 @@ def test_sample_py_diffusion_modes(diffusion_run, tmp_path, capsys):
         out = tmp_path / f"{name}.png"
         assert _sample_main(*common, *args, "--out", str(out)) == 0, (name, capsys.readouterr().err)
         assert out.exists()
-    with pytest.raises(SystemExit):
-        _sample_main(*common, "--mode", "edit", "--image", str(image), "--prompt", "a red circle")
-    assert "--target-prompt" in capsys.readouterr().err
+    # edit takes the seed, strength and sampler the other modes take; nothing is ignored.
+    edit = ["--mode", "edit", "--image", str(image), "--prompt", "a red circle", "--target-prompt", "a blue circle"]
+    assert _sample_main(*common, *edit, "--seed", "3", "--strength", "0.5", "--sampler", "ddpm",
+                        "--negative-prompt", "a green square", "--out", str(tmp_path / "e2.png")) == 0
+    assert _sample_main(*common, "--prompt", "a red circle", "--attention-maps", "--out", str(tmp_path / "m.png")) == 0
+    with Image.open(tmp_path / "m.png") as grid:  # the image, then one map per word ("a", "red", "circle")
+        assert grid.width >= 4 * 16
+    capsys.readouterr()
+    assert _sample_main(*common, "--prompt", "a red circle", "--temperature", "0.5") == 2
+    assert "--temperature does not apply to --mode generate of a diffusion model" in capsys.readouterr().err
+    assert _sample_main(*common, "--mode", "reconstruct", "--image", str(image)) == 2
+    assert "cannot reconstruct" in capsys.readouterr().err
+    for bad, message in (([*edit[:-2]], "--target-prompt"), (["--prompt", "a", "--mask", str(mask)], "--mask"),
+                         (["--mode", "interpolate", "--image", str(image)], "two --image")):
+        with pytest.raises(SystemExit):
+            _sample_main(*common, *bad)
+        assert message in capsys.readouterr().err
 
 
+def test_negative_prompts_reach_every_guided_mode(diffusion_run):
+    model = api.load(diffusion_run[0])
+    images = model.generate(["a red circle"], num=2, seed=1, steps=4)
+    masks = np.zeros((2, 16, 16), bool)
+    masks[:, 4:12, 4:12] = True
+    calls = {"img2img": lambda **kw: model.img2img(images, "a blue circle", strength=0.7, steps=4, **kw),
+             "inpaint": lambda **kw: model.inpaint(images, masks, "a blue circle", steps=4, resample=1, **kw),
+             "edit": lambda **kw: model.edit(images, "a red circle", "a blue circle", steps=4, **kw)}
+    for name, call in calls.items():
+        plain, negative = call(), call(negative_prompt="a green square")
+        assert not np.array_equal(plain, negative), name
+        np.testing.assert_array_equal(negative, call(negative_prompt="a green square"))
+    # edit's seed reaches a stochastic sampler, and not a deterministic one.
+    stochastic = [model.edit(images, "a red circle", "a blue circle", steps=4, sampler="ddpm", seed=s) for s in (0, 1)]
+    assert not np.array_equal(*stochastic)
+    ddim = [model.edit(images, "a red circle", "a blue circle", steps=4, seed=s) for s in (0, 1)]
+    np.testing.assert_array_equal(*ddim)
 
+
+def test_attention_maps_map_words_and_match_generate(diffusion_run):
+    model = api.load(diffusion_run[0])
+    result = model.attention_maps("Please paint a RED circle, top-left!", num=2, seed=4, steps=4)
+    assert result.words == ["Please", "paint", "a", "RED", "circle", "top-left"]
+    assert result.maps.shape == (2, 6, 16, 16)
+    np.testing.assert_allclose(result.maps.sum(axis=(2, 3)), 1.0, atol=1e-4)
+    np.testing.assert_array_equal(result.images, model.generate("Please paint a RED circle, top-left!", num=2,
+                                                                seed=4, steps=4))
+    with pytest.raises(ValueError, match="one prompt"):
+        model.attention_maps(["a", "b"])
+
+
+@pytest.mark.e2e
 def test_pretrained_model_is_shipped_and_samples(tmp_path):
     out = tmp_path / "grid.png"
     assert _sample_main("--prompt", "a large purple triangle at the bottom", "--num", "2", "--steps", "10",

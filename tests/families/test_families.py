@@ -44,6 +44,7 @@ def fit(config, steps):
     ("vae_shapes", ["optim.lr=3e-3", "loss.beta=0.0"], 60, "mse", 0.3),
     ("clip_shapes", ["optim.lr=3e-3", "loss.multi_positive=False"], 60, "loss", 0.3),
 ])
+@pytest.mark.e2e
 def test_overfits_one_batch(name, overrides, steps, metric, factor):
     config = tiny_config(name, "optim.warmup_steps=0", "optim.schedule=constant", *overrides)
     _, _, _, _, history = fit(config, steps)
@@ -51,6 +52,7 @@ def test_overfits_one_batch(name, overrides, steps, metric, factor):
     assert all(h["nonfinite"] == 0 for h in history)
 
 
+@pytest.mark.e2e
 def test_cnn_learns_every_head_on_one_batch():
     config = tiny_config("cnn_shapes", "optim.lr=3e-3", "optim.warmup_steps=0", "optim.schedule=constant")
     _, _, _, _, history = fit(config, 80)
@@ -59,6 +61,7 @@ def test_cnn_learns_every_head_on_one_batch():
 
 
 @pytest.mark.parametrize("name", ["cnn_shapes", "vae_shapes", "clip_shapes"])
+@pytest.mark.e2e
 def test_bfloat16_compute_keeps_float32_params(name):
     config = tiny_config(name, "dtype=bfloat16")
     _, model, state, _, history = fit(config, 2)

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from mmjax.models.cnn import CNNTiny, ResNetClassifier, add_coord_channels
 from tests.models.jit_helpers import KEY, init, key
@@ -53,6 +54,7 @@ def test_shapes_and_dtypes():
     assert aux["features"].dtype == jnp.float32
 
 
+@pytest.mark.e2e
 def test_learns_all_heads_including_position():
     """150 Adam steps fit colour, size and position, and position generalises to new images
     (global pooling alone discards where the object is). Held-out position: 98.8-100% over

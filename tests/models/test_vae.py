@@ -94,6 +94,7 @@ def test_tokens_must_match_conditioning():
         jax.eval_shape(CondVAETiny().init, RNGS, images)
 
 
+@pytest.mark.e2e
 def test_reconstruction_improves(tiny):
     # The unconditional model: the conditional one costs twice the compile time, and its
     # training path is exercised by the trainer's tiny run.
