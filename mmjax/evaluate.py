@@ -166,8 +166,10 @@ def evaluate_inpaint(model, judge, data: dict, num: int, seed: int = 0) -> dict:
 
 def evaluate(model, *, judge=None, clip=None, num: int = 1000, batch_size: int = 250, seed: int = 0,
              generate_options: dict | None = None, edits: int = 0, gallery: int = 256,
-             reconstructions: int | None = None) -> dict:
-    """`edits` > 0 also scores that many prompt edits and inpaintings (diffusion, GAN); `clip`
+             reconstructions: int | None = None, attention: int = 0) -> dict:
+    """`edits` > 0 also scores that many prompt edits and inpaintings (diffusion, GAN);
+    `attention` > 0 scores how well the colour and shape words' cross-attention maps sit on the
+    object, over that many test captions and as many in held-out phrasings (diffusion); `clip`
     (a loaded CLIP model) adds the CLIP score of generated images; `reconstructions` caps how
     many test images are reconstructed (a GAN reconstructs by inversion, an optimisation per
     image: slow on a CPU).
@@ -226,6 +228,14 @@ def evaluate(model, *, judge=None, clip=None, num: int = 1000, batch_size: int =
         results["edit"], results["_edited"] = evaluate_edit(model, judge, data, edits, seed)
     if edits and judge is not None and "inpaint" in model.methods:
         results["inpaint"], results["_inpainted"] = evaluate_inpaint(model, judge, data, edits, seed)
+    if attention and "attention_maps" in model.methods:
+        from mmjax.eval.localisation import attention_localisation
+
+        count = min(attention, num)
+        results["attention"] = attention_localisation(model, data["caption"][:count], seed=seed,
+                                                      **generate_options)
+        results["attention_heldout_phrasing"] = attention_localisation(
+            model, heldout_phrasing_split(model.image_size, count, seed)["caption"], seed=seed, **generate_options)
     return results
 
 
@@ -353,6 +363,11 @@ def format_table(results: dict) -> str:
         e = results["inpaint"]
         lines.append(f"  {'inpaint into empty region':<26} color {e['color']:.3f}  shape {e['shape']:.3f}  "
                      f"unmasked PSNR {e['unmasked_psnr']:.1f} dB (n={e['num']})")
+    for key, label in (("attention", "attention on the object"), ("attention_heldout_phrasing", "  held-out phrasings")):
+        if key in results:
+            a = results[key]
+            lines.append(f"  {label:<26} color word {a['color_word']:.2f}x  shape word {a['shape_word']:.2f}x "
+                         f"the box's share (n={a['num']}; 1 = uniform)")
     return "\n".join(lines)
 
 
@@ -365,6 +380,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gallery", type=int, default=256, help="CLIP: test images to retrieve among")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step", type=int, help="checkpoint step (default: latest good one)")
+    parser.add_argument("--attention", type=int, default=0,
+                        help="diffusion: score per-word attention maps on this many test captions")
     parser.add_argument("--edits", type=int, default=0,
                         help="diffusion, GAN: also score this many edits (and inpaintings, diffusion)")
     parser.add_argument("--reconstructions", type=int,
@@ -388,7 +405,8 @@ def main(argv=None) -> int:
     try:
         model = api.load(args.workdir, step=args.step)
         results = evaluate(model, judge=args.judge, clip=args.clip, num=args.num, seed=args.seed, generate_options=options,
-                           edits=args.edits, gallery=args.gallery, reconstructions=args.reconstructions)
+                           edits=args.edits, gallery=args.gallery, reconstructions=args.reconstructions,
+                           attention=args.attention)
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"mmjax.evaluate: {e}", file=sys.stderr)
         return 2

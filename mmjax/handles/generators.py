@@ -156,25 +156,34 @@ class DiffusionModel(Generator):
         return self._out(out)
 
 
-    def attention_maps(self, prompt: str, num: int = 1, seed: int = 0, *, guidance: float | None = None,
+    def attention_maps(self, prompts, num: int = 1, seed: int = 0, *, guidance: float | None = None,
                        negative_prompt=None, sampler: str | None = None, steps: int | None = None,
-                       eta: float | None = None) -> AttentionMaps:
-        """`num` images of `prompt` (as `generate` makes them, same seed, same bytes) and one
+                       eta: float | None = None):
+        """`num` images of each prompt (as `generate` makes them: same seed, same bytes) and one
         heat map per word of the prompt: cross-attention averaged over heads, layers and
-        noise levels, mapped from tokens back to words, each map summing to 1."""
+        noise levels, mapped from tokens back to words, each map summing to 1.
+
+        -> `AttentionMaps(images, words, maps)` for one prompt (a string), a list of them for a
+        list of prompts (computed in one batch)."""
         from mmjax.sampling import attention_maps as amaps
 
-        if not isinstance(prompt, str):
-            raise ValueError(f"attention_maps takes one prompt (a string), got {prompt!r}")
+        single = isinstance(prompts, str)
+        prompts = self._prompt_list(prompts)
         num = _positive_int(num, "num")
-        tokens = jnp.repeat(self._tokens([prompt]), num, axis=0)
+        spans = [amaps.word_spans(p, max_len=self.tokenizer.max_len) for p in prompts]
+        for prompt, words in zip(prompts, spans):
+            if not words:
+                raise ValueError(f"the prompt {prompt!r} has no words to map")
+        tokens = jnp.repeat(self._tokens(prompts), num, axis=0)
         images, maps = self._call("attention_maps", tokens, jax.random.key(_seed(seed)), self._guidance(guidance),
-                                  self._negative(negative_prompt, num), **self._sampling(sampler, steps, eta))
-        spans = amaps.word_spans(prompt, max_len=tokens.shape[1])
-        if not spans:
-            raise ValueError(f"the prompt {prompt!r} has no words to map")
-        words = amaps.normalise(jnp.moveaxis(amaps.word_maps(maps, spans), -1, 1))  # [num, words, H, W]
-        return AttentionMaps(self._out(images), [w for w, _, _ in spans], np.asarray(words))
+                                  self._negative(negative_prompt, len(tokens)), **self._sampling(sampler, steps, eta))
+        images, maps = self._out(images), np.asarray(maps)
+        results = []
+        for i, words in enumerate(spans):
+            rows = slice(i * num, (i + 1) * num)
+            per_word = amaps.normalise(jnp.moveaxis(amaps.word_maps(maps[rows], words), -1, 1))  # [num, words, H, W]
+            results.append(AttentionMaps(images[rows], [w for w, _, _ in words], np.asarray(per_word)))
+        return results[0] if single else results
 
 
 class VAEModel(Generator):

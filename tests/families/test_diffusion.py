@@ -276,8 +276,10 @@ def test_attention_maps_map_words_and_match_generate(diffusion_run):
     np.testing.assert_allclose(result.maps.sum(axis=(2, 3)), 1.0, atol=1e-4)
     np.testing.assert_array_equal(result.images, model.generate("Please paint a RED circle, top-left!", num=2,
                                                                 seed=4, steps=4))
-    with pytest.raises(ValueError, match="one prompt"):
-        model.attention_maps(["a", "b"])
+    both = model.attention_maps(["a red circle", "Please paint a RED circle, top-left!"], num=2, seed=4, steps=4)
+    assert [r.words for r in both] == [["a", "red", "circle"], result.words]
+    with pytest.raises(ValueError, match="no words"):
+        model.attention_maps(" ,.")
 
 
 @pytest.mark.e2e
