@@ -1,5 +1,6 @@
 """Test setup: eight fake CPU devices, set before jax is imported anywhere."""
 import os
+import re
 import shutil
 import tempfile
 
@@ -11,6 +12,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest  # noqa: E402
 
 from tests.helpers import SHARED_CACHE, tiny_config  # noqa: E402
+
+pytest_plugins = ["pytester"]  # tests/test_lanes.py runs pytest on small made-up suites
 
 # pytest-xdist's workers inherit the environment, so they share the directory too.
 if SHARED_CACHE not in os.environ:
@@ -25,6 +28,32 @@ def pytest_sessionfinish(session):
         shutil.rmtree(os.environ[SHARED_CACHE], ignore_errors=True)
 
 
+# Session fixtures that train a tiny model: a test that uses one (directly or through another
+# fixture) is end-to-end. The unit lane, `-m "not e2e"`, leaves them out.
+RUN_FIXTURES = frozenset({"vae_run", "cnn_run", "diffusion_run", "ldm_run", "clip_run", "gan_run"})
+
+
+def _names_slow(markexpr: str) -> bool:
+    return re.search(r"\bslow\b", markexpr or "") is not None
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
+def pytest_collection_modifyitems(config, items):
+    """Mark tests that use a run fixture `e2e`; leave `slow` tests out unless `-m` names slow
+    (`-m slow`, `-m "slow or e2e"`): `-m "not e2e"` alone never runs them."""
+    for item in items:
+        if RUN_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+    if _names_slow(config.getoption("markexpr", "")):
+        return
+    kept, slow = [], []
+    for item in items:
+        (slow if item.get_closest_marker("slow") else kept).append(item)
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = kept
+
+
 def _tiny_run(tmp_path_factory, name: str, **kwargs):
     from mmjax.train.loop import train
 
@@ -36,8 +65,18 @@ def _tiny_run(tmp_path_factory, name: str, **kwargs):
 @pytest.fixture(scope="session")
 def vae_run(tmp_path_factory):
     """One tiny text-conditioned VAE run of 20 steps on 8 fake devices, shared by many tests.
-    It keeps the default compilation cache, `<workdir>/../.jax_cache`, which a test checks."""
-    return _tiny_run(tmp_path_factory, "vae_shapes", shared_cache=False)
+    It keeps the default compilation cache, `<workdir>/../.jax_cache`, which a test checks. Its
+    directory sits in one parent for the whole session, so the xdist workers that each need a
+    vae_run share that default cache (the second compiles nothing), as do the runs a test puts
+    next to it (`sibling_workdir`)."""
+    from mmjax.train.loop import train
+
+    parent = os.path.join(os.environ[SHARED_CACHE], "runs_with_default_cache")
+    os.makedirs(parent, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="vae_shapes-", dir=parent)  # a new name, however often
+    os.rmdir(workdir)  # train() makes it
+    config = tiny_config("vae_shapes", shared_cache=False)
+    return workdir, config, train(config, workdir)
 
 
 @pytest.fixture(scope="session")

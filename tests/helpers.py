@@ -33,3 +33,22 @@ def read_metrics(workdir: str) -> dict[int, dict]:
             if "loss" in row:
                 rows[row["step"]] = row
     return rows
+
+
+def init_family(family, model, batch, config, seed: int = 0):
+    """`family.init` as one jitted program with an rbg key: eager init dispatches op by op, and
+    the default threefry key costs XLA:CPU ~10 s compiling a tiny model's initialisers (see
+    tests/models/jit_helpers.py). For tests that need some parameters, not particular ones."""
+    import jax
+
+    return jax.jit(lambda rng, b: family.init(model, rng, b, config))(jax.random.key(seed, impl="rbg"), batch)
+
+
+def sibling_workdir(workdir: str, name: str) -> str:
+    """A new run directory next to `workdir`: a run with the same config there finds its
+    steps in the default compilation cache, `<parent>/.jax_cache`, instead of compiling them."""
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix=f"{name}-", dir=os.path.dirname(os.path.abspath(workdir)))
+    os.rmdir(path)
+    return path

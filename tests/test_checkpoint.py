@@ -116,6 +116,7 @@ def test_round_trip_is_bitwise_and_survives_donation(tmp_path):
     assert_bitwise_equal(restored.state, want)
 
 
+@pytest.mark.e2e
 def test_saved_on_eight_devices_restores_on_one_and_as_numpy(tmp_path):
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     sharded, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
@@ -221,6 +222,7 @@ def test_with_block_exit_leaves_finished_step(tmp_path):
     assert entries(tmp_path) & {"1"} and not any("tmp" in e for e in entries(tmp_path))
 
 
+@pytest.mark.e2e
 def test_save_right_before_sys_exit_is_durable(tmp_path):
     result = run_python(f"""
         import sys, jax, jax.numpy as jnp
@@ -254,6 +256,7 @@ def test_unfinished_step_is_never_loaded(tmp_path):
     assert {e for e in entries(tmp_path) if e[0].isdigit()} == {"1", "2", "3"}
 
 
+@pytest.mark.e2e
 def test_failed_async_save_surfaces_at_wait_save_and_close(tmp_path):
     # A file-size limit makes the background array write fail like a full disk does; chmod
     # would not stop root. The limit stays on until the failure has surfaced.

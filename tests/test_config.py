@@ -54,6 +54,7 @@ def test_split_override_args():
 
 
 @pytest.mark.parametrize("override", ["--config.optim.lrr=1e-3", "--config.train.batch_size=abc"])
+@pytest.mark.e2e
 def test_train_py_typo_exits_fast_without_creating_workdir(tmp_path, override):
     workdir = tmp_path / "run"
     proc = subprocess.run(

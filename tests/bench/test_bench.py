@@ -22,6 +22,7 @@ def run_bench(*args) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+@pytest.mark.e2e
 def test_train_and_kernel_suites_write_a_complete_record(tmp_path):
     out = tmp_path / "results.jsonl"
     # No --tiny: on a CPU the harness picks the presets' tiny twins by itself, and says so.
@@ -56,6 +57,7 @@ def test_train_and_kernel_suites_write_a_complete_record(tmp_path):
     assert "train step" in report and "cnn64" in report and "kernels" in report
 
 
+@pytest.mark.e2e
 def test_sampling_suite_measures_guided_ddim(tmp_path):
     out = tmp_path / "r.jsonl"
     proc = run_bench("--tiny", "--preset", "ldm64", "--suite", "sample", "--sample-steps", "3", "--sample-batch", "4",

@@ -122,6 +122,7 @@ def test_mnist_torchvision_layout_and_bad_files(tmp_path):
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "mnist"])
+@pytest.mark.e2e
 def test_preview_cli(tmp_path, dataset):
     root = tmp_path / dataset
     files.cifar10(root) if dataset == "cifar10" else files.mnist(root, gz=True)

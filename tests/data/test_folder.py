@@ -157,6 +157,7 @@ def _imbalanced(root: Path) -> None:
     files.class_folder(root / "test", {"cat": 2, "dog": 2})
 
 
+@pytest.mark.e2e
 def test_random_crops_flips_and_balance_are_identical_with_workers(tmp_path, caplog):
     _imbalanced(tmp_path)
     cfg = data_cfg(tmp_path, crop="random", augment=True, balance="label")
@@ -257,6 +258,7 @@ def test_config_checks_name_the_key(tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["classes", "metadata"])
+@pytest.mark.e2e
 def test_preview_cli(tmp_path, layout):
     root = tmp_path / "data"
     if layout == "classes":

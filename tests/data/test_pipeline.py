@@ -143,6 +143,7 @@ def test_augment_flips_deterministically():
     assert 10 < sum(is_flipped) < 54
 
 
+@pytest.mark.e2e
 def test_worker_processes_give_identical_batches():
     source = ShapesSource(image_size=16, num_records=48)
     kwargs = dict(global_batch=8, max_len=64, seed=0, start_batch=2, num_epochs=1)
@@ -163,6 +164,7 @@ def test_make_source_from_config():
         make_source(types.SimpleNamespace(name="nope"), "train")
 
 
+@pytest.mark.e2e
 def test_preview_cli(tmp_path):
     out = tmp_path / "preview.png"
     cmd = [sys.executable, "-m", "mmjax.data", "preview", "--dataset", "shapes", "--out", str(out),

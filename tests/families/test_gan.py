@@ -14,7 +14,7 @@ from mmjax.families import augment, gan
 from mmjax.models.gan import SPECTRAL, spectral_normalize
 from mmjax.train.loop import train
 from tests.families.test_families import one_batch
-from tests.helpers import tiny_config
+from tests.helpers import init_family, tiny_config
 
 
 def _psnr(a, b):
@@ -72,7 +72,7 @@ def test_ada_probability_moves_toward_the_target():
     family, model = zoo.FAMILIES["gan"], zoo.build_model(config)
     d_objective = family.objectives(model, config)[0]
     batch = one_batch(config)
-    params, model_state = family.init(model, jax.random.key(0), batch, config)
+    params, model_state = init_family(family, model, batch, config)
     loss = jax.jit(lambda p, s: d_objective.loss_fn(p, batch, jax.random.key(1), 1, s))
     for p0 in (0.0, 0.3, 0.79):
         state = {**model_state, "ada_p": jnp.float32(p0)}
@@ -136,8 +136,10 @@ def test_inversion_recovers_a_known_latent(gan_run):
     assert z.shape == (8, model.num_layers, model.z_dim) and text.shape == (8, model.text_dim)
     # The eight optimisations ran split over the eight devices, one image each.
     assert len(z.sharding.device_set) == 8 and not z.sharding.is_fully_replicated
-    assert np.median(_psnr(before, target)) < 30
-    assert np.min(_psnr(recon, target)) > 35
+    # The optimisation does the work: every image ends well above where the best of the
+    # random starts began (which, for this tiny generator, can already be fair).
+    start, end = np.median(_psnr(before, target)), np.min(_psnr(recon, target))
+    assert end > 35 and end > start + 3, (start, end)
     assert float(jnp.mean(jnp.square(z[:, 0] - z_star))) < float(jnp.mean(jnp.square(z0[:, 0] - z_star)))
 
 

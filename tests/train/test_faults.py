@@ -32,7 +32,7 @@ from tests.train import processes
 from tests.train.processes import (DISK_FULL_AT_SAVE, OOM_AT_STEP, SLOW_COMMIT, SLOW_STEPS, Run,
                                    finished_steps, logged_steps, run, temporary_entries)
 
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
 STEPS = 16
 # Log every step (the test watches metrics.jsonl), save every 4 and keep all four saves, no

@@ -9,7 +9,7 @@ import pytest
 from mmjax import sharding
 from mmjax.checkpoint import Checkpointer, restore_numpy
 from mmjax.train.loop import NonFiniteLossError, ResumeMismatchError, train
-from tests.helpers import read_metrics, tiny_config
+from tests.helpers import read_metrics, sibling_workdir, tiny_config
 
 
 def test_run_writes_outputs_and_traces_once(vae_run):
@@ -45,7 +45,7 @@ def test_batch_is_sharded_across_devices():
 def test_exact_resume(vae_run, tmp_path):
     """20 steps straight == 10 steps, stop, resume, 10 more: same parameters and losses."""
     straight_dir, config, straight = vae_run
-    workdir = str(tmp_path / "resumed")
+    workdir = sibling_workdir(straight_dir, "resumed")  # vae_run's compiles are cached there
     first = train(config, workdir, stop_at=10)
     assert first.step == 10 and first.stopped_early
     second = train(config, workdir)

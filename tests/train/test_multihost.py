@@ -15,7 +15,7 @@ from mmjax.train.loop import _StopFlag
 from tests.train import processes
 from tests.train.processes import CNN_PREVIEW, SLOW_STEPS, Run, finished_steps, logged_steps, run
 
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
 STEPS = 16
 ARGS = (f"--config.train.num_steps={STEPS}", "--config.train.log_every=1",
