@@ -131,10 +131,17 @@ def zero_shot(model, params, s, images, prompt_tokens, *, counts):
     return embed_images(model, params, s, images) @ class_embeddings(model, params, s, prompt_tokens, counts).T
 
 
-@functools.lru_cache(maxsize=8)
-def shapes_prompts(attribute: str, max_len: int) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Tokens and per-class counts of the zero-shot prompts for a shapes attribute."""
-    prompts = shapes.attribute_prompts(attribute)
+@functools.lru_cache(maxsize=16)
+def shapes_prompts(attribute: str, max_len: int, heldout_phrasing: bool = False) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Tokens and per-class counts of the zero-shot prompts for a shapes attribute: the
+    built-in ones, or the same labels phrased with the caption grammar's held-out
+    constructions (which no training caption uses)."""
+    if heldout_phrasing:
+        from mmjax.data import captions
+
+        prompts = captions.heldout_attribute_prompts(attribute)
+    else:
+        prompts = shapes.attribute_prompts(attribute)
     flat = [p for per_class in prompts for p in per_class]
     return ByteTokenizer(max_len).encode(flat), tuple(len(p) for p in prompts)
 
@@ -165,6 +172,9 @@ def evaluate(model, params, batch, config):
         tokens, counts = shapes_prompts(attribute, config.data.max_len)
         scores = image_emb @ class_embeddings(model, params, None, jnp.asarray(tokens), counts).T
         out[f"zero_shot_{attribute}"] = jnp.mean(jnp.argmax(scores, axis=1) == batch[attribute])
+        tokens, counts = shapes_prompts(attribute, config.data.max_len, heldout_phrasing=True)
+        scores = image_emb @ class_embeddings(model, params, None, jnp.asarray(tokens), counts).T
+        out[f"zero_shot_heldout_phrasing_{attribute}"] = jnp.mean(jnp.argmax(scores, axis=1) == batch[attribute])
     text_emb = embed_texts(model, params, None, full_caption_tokens(batch, config.data.max_len))
     match = same_labels(batch)
     sim = text_emb @ image_emb.T
