@@ -97,7 +97,10 @@ def ldm_run(tmp_path_factory, vae_run):
     from mmjax.train.loop import train
 
     workdir = str(tmp_path_factory.mktemp("runs") / "ldm_shapes")
-    config = tiny_config("ldm_shapes", f"latent.vae_workdir={vae_run[0]}")
+    # Its test checks the frozen VAE and sampling from the checkpoint: no in-loop evaluation or
+    # preview, whose compiles (a sampler over the UNet and the VAE decoder) it would not use.
+    config = tiny_config("ldm_shapes", f"latent.vae_workdir={vae_run[0]}", "train.eval_every=0",
+                         "train.sample_every=0")
     return workdir, config, train(config, workdir)
 
 
