@@ -37,6 +37,10 @@ def is_export(path: str) -> bool:
     return os.path.exists(os.path.join(path, EXPORT_MANIFEST))
 
 
+def _map(fn, tree):
+    return {k: _map(fn, v) if isinstance(v, dict) else fn(np.asarray(v)) for k, v in tree.items()}
+
+
 def _float32(tree):
     return _map(lambda x: x.astype(np.float32) if np.issubdtype(x.dtype, np.floating) else x, tree)
 
@@ -103,6 +107,3 @@ def write_export(out_dir: str, stored: StoredModel, dtype: str = "float32") -> s
     os.replace(tmp, out_dir)
     return out_dir
 
-
-def _map(fn, tree):
-    return {k: _map(fn, v) if isinstance(v, dict) else fn(np.asarray(v)) for k, v in tree.items()}
