@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from mmjax import model_files, sharding, zoo
+from mmjax.data.tokenizer import TOKENIZER_FILE
 from mmjax.families.family import example_batch
 from mmjax.handles import HANDLES, Model
 from mmjax.images import make_grid
@@ -74,7 +75,8 @@ def export(workdir: str, out_dir: str, step: int | None = None, dtype: str | Non
         raise ValueError(f"export dtype must be one of {model_files.EXPORT_DTYPES}, got {dtype!r}")
     model = load(workdir, step=step)  # the weights must load before anything is written
     stored = model_files.StoredModel(model.config.to_dict(), jax.device_get(model.params), model.step, workdir)
-    return model_files.write_export(out_dir, stored, dtype or "float32")
+    files = {TOKENIZER_FILE: model.tokenizer.spec} if model.tokenizer.kind == "word" else {}
+    return model_files.write_export(out_dir, stored, dtype or "float32", files=files)
 
 
 def grid(images, ncols: int | None = None, captions=None, min_cell: int = 128):

@@ -165,6 +165,7 @@ def validate(config: ConfigDict) -> None:
             f"known: {sorted(pipeline.SOURCES)}"
         )
     _validate_data(config, pipeline)
+    _validate_text(config)
     positive = {
         "train.batch_size": config.train.batch_size,
         "train.num_steps": config.train.num_steps,
@@ -195,6 +196,24 @@ def validate(config: ConfigDict) -> None:
             family.validate(config)
         except ValueError as e:
             raise ConfigError(str(e)) from e
+
+
+def _validate_text(config: ConfigDict) -> None:
+    from mmjax.data.tokenizer import SPECIAL_TOKENS, TOKENIZER_KINDS
+    from mmjax.models.text import POSITIONS
+
+    text = config.text
+    if text.tokenizer not in TOKENIZER_KINDS:
+        raise ConfigError(f"config key 'text.tokenizer' must be one of {TOKENIZER_KINDS}, got {text.tokenizer!r}")
+    if text.positions not in POSITIONS:
+        raise ConfigError(f"config key 'text.positions' must be one of {POSITIONS}, got {text.positions!r}")
+    if not isinstance(text.normalize, bool):
+        raise ConfigError(f"config key 'text.normalize' must be True or False, got {text.normalize!r}")
+    if not isinstance(text.vocab_size, int) or text.vocab_size <= len(SPECIAL_TOKENS):
+        raise ConfigError(f"config key 'text.vocab_size' must be an integer above {len(SPECIAL_TOKENS)} "
+                          f"(the special tokens), got {text.vocab_size!r}")
+    if not isinstance(text.vocab_records, int) or text.vocab_records <= 0:
+        raise ConfigError(f"config key 'text.vocab_records' must be a positive integer, got {text.vocab_records!r}")
 
 
 def _validate_data(config: ConfigDict, pipeline) -> None:
@@ -293,6 +312,15 @@ def base_config() -> ConfigDict:
     # "caption_words" (every word in balance_words equally often, other captions as one group).
     c.data.balance = ""
     c.data.balance_words = ()
+
+    # The text path (mmjax/data/tokenizer.py; chosen by measurement, RESULTS.md). A saved
+    # config without this section used bytes, no normalisation and learned positions.
+    c.text = ConfigDict()
+    c.text.tokenizer = "word"  # "word" (vocabulary of the train captions, tokenizer.json) or "byte"
+    c.text.normalize = True  # NFKC and lower case before tokenizing (whitespace never counts)
+    c.text.positions = "rotary"  # text encoder positions: "rotary", "learned" or "none"
+    c.text.vocab_size = 512  # word: the embedding table's rows, the vocabulary's capacity
+    c.text.vocab_records = 5000  # word: how many train captions the vocabulary is built from
 
     c.train = ConfigDict()
     c.train.seed = 0

@@ -76,12 +76,15 @@ def read(path: str, step: int | None = None) -> StoredModel:
     return StoredModel(restored.config, _float32(restored.state["ema_params"]), int(restored.step), path)
 
 
-def write_export(out_dir: str, stored: StoredModel, dtype: str = "float32") -> str:
+def write_export(out_dir: str, stored: StoredModel, dtype: str = "float32",
+                 files: dict[str, str] | None = None) -> str:
     """Writes `stored` as an export directory. Written to a temporary directory and renamed
     into place, so `out_dir` is never half-written; an existing `out_dir` is refused.
 
     `dtype` ('float16' or 'bfloat16') stores floating weights at half the size; `read` casts
     them back to float32. Measure the exported model: rounding can change samples.
+    `files`: more text files to write beside the weights (name -> contents), e.g. the
+    word vocabulary `tokenizer.json`.
     """
     if os.path.exists(out_dir):
         raise FileExistsError(f"refusing to overwrite {out_dir!r}; remove it first")
@@ -100,6 +103,9 @@ def write_export(out_dir: str, stored: StoredModel, dtype: str = "float32") -> s
         json.dump(stored.config, f, indent=2, sort_keys=True)
     with open(os.path.join(tmp, EXPORT_PARAMS), "wb") as f:
         f.write(data)
+    for name, text in (files or {}).items():
+        with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+            f.write(text)
     manifest = {"step": stored.step, "source": stored.path, "stored_dtype": dtype, "bytes": len(data),
                 "sha256": hashlib.sha256(data).hexdigest()}
     with open(os.path.join(tmp, EXPORT_MANIFEST), "w", encoding="utf-8") as f:

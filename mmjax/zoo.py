@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from mmjax.data.tokenizer import encoder_settings
 from mmjax.families import clip, cnn, diffusion, gan, vae
 from mmjax.families.family import Family
+from mmjax.models.text import configure_text
 
 FAMILIES: dict[str, Family] = {
     "cnn": cnn.FAMILY,
@@ -17,6 +19,8 @@ FAMILIES: dict[str, Family] = {
 
 
 def build_model(config):
-    """The family's named variant, with `config.model` fields and the compute dtype."""
+    """The family's named variant, with `config.model` fields, the compute dtype and the text
+    encoder the config's `text` section describes."""
     family = FAMILIES[config.family]
-    return family.variants[config.variant](**config.model, dtype=jnp.dtype(config.dtype))
+    module = family.variants[config.variant](**config.model, dtype=jnp.dtype(config.dtype))
+    return configure_text(module, **encoder_settings(config))

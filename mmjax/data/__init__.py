@@ -15,7 +15,7 @@ _EXPORTS = {
     "shapes": ("ATTRIBUTES", "COLOR_NAMES", "COLORS", "HELDOUT_PAIRS", "POSITIONS", "SHAPES", "SIZES",
                "ShapesSource", "caption_for", "is_heldout", "make_example", "parse_caption", "render",
                "sample_labels"),
-    "tokenizer": ("BOS", "EOS", "PAD", "VOCAB_SIZE", "ByteTokenizer"),
+    "tokenizer": ("BOS", "EOS", "PAD", "VOCAB_SIZE", "ByteTokenizer", "WordTokenizer"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -22,7 +22,7 @@ import numpy as np
 from mmjax.data import classic, folder, real
 from mmjax.data.decode import random_square_crop
 from mmjax.data.shapes import ShapesSource, caption_style
-from mmjax.data.tokenizer import ByteTokenizer, encode_texts
+from mmjax.data.tokenizer import ByteTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -148,11 +148,11 @@ class _Lookup:
         return self.source[index]
 
 
-def _collate(records: Sequence[dict], max_len: int) -> dict:
+def _collate(records: Sequence[dict], tokenizer) -> dict:
     """Stacks records into model inputs: images NHWC float32 in [-1, 1], tokens int32;
     captions are tokenized here and never enter the batch as strings."""
     images = np.stack([r["image"] for r in records]).astype(np.float32)
-    tokens, truncated = encode_texts([r["caption"] for r in records], max_len)
+    tokens, truncated = tokenizer.encode_texts([r["caption"] for r in records])
     batch = {"image": images / 127.5 - 1.0, "tokens": tokens}
     for key in LABEL_KEYS:
         batch[key] = np.asarray([r[key] for r in records], np.int32)
@@ -165,26 +165,39 @@ def _collate(records: Sequence[dict], max_len: int) -> dict:
 class _Collate:
     """Picklable batch function (grain pickles the pipeline into worker processes)."""
 
-    def __init__(self, max_len: int):
-        self.max_len = max_len
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
 
     def __call__(self, records: Sequence[dict]) -> dict:
-        return _collate(records, self.max_len)
+        return _collate(records, self.tokenizer)
+
+
+def _tokenizer(max_len: int | None, tokenizer):
+    if tokenizer is not None:
+        if max_len is not None and max_len != tokenizer.max_len:
+            raise ValueError(f"max_len={max_len} but the tokenizer writes rows of {tokenizer.max_len}")
+        return tokenizer
+    if max_len is None:
+        raise ValueError("pass a tokenizer (mmjax.data.tokenizer.for_config) or max_len (bytes)")
+    return ByteTokenizer(max_len)
 
 
 def make_batch_dataset(
     source: RandomAccessSource,
     *,
     global_batch: int,
-    max_len: int,
+    max_len: int | None = None,
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
     shuffle: bool = True,
     num_epochs: int | None = None,
     augment: bool = False,
+    tokenizer=None,
 ) -> grain.MapDataset:
-    """A `MapDataset` whose element k is this process's k-th local batch."""
+    """A `MapDataset` whose element k is this process's k-th local batch; captions are
+    tokenized by `tokenizer`, or by bytes into rows of `max_len`."""
+    tokenizer = _tokenizer(max_len, tokenizer)
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"bad process_index={process_index} for process_count={process_count}")
     if global_batch < 1 or global_batch % process_count:
@@ -226,7 +239,7 @@ def make_batch_dataset(
     # stride, so processes read disjoint records of the same shuffled epoch.
     ds = ds[: per_process * process_count][process_index::process_count]
     ds = ds.repeat(num_epochs)
-    return ds.batch(local_batch, drop_remainder=True, batch_fn=_Collate(max_len))
+    return ds.batch(local_batch, drop_remainder=True, batch_fn=_Collate(tokenizer))
 
 
 def _draw_seed(seed: int) -> int:
@@ -256,14 +269,14 @@ class BatchIterator(Iterator[dict]):
         *,
         start_batch: int,
         worker_count: int,
-        max_len: int,
+        tokenizer,
         describe: dict,
     ):
         if start_batch < 0:
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         self._next_batch = int(start_batch)
         self._describe = describe
-        self._tokenizer = ByteTokenizer(max_len)
+        self._tokenizer = tokenizer
         # Elements here are whole batches, so a short buffer is plenty and bounds memory.
         read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
         ds = dataset[start_batch:].to_iter_dataset(read_options)
@@ -312,7 +325,7 @@ def make_batches(
     source: RandomAccessSource,
     *,
     global_batch: int,
-    max_len: int,
+    max_len: int | None = None,
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
@@ -321,6 +334,7 @@ def make_batches(
     num_epochs: int | None = None,
     worker_count: int = 0,
     augment: bool = False,
+    tokenizer=None,
 ) -> BatchIterator:
     """This process's batches: dicts of numpy arrays with `image` float32 [b, S, S, 3] in
     [-1, 1], `tokens` int32 [b, max_len], `shape`/`color`/`size`/`position` int32 [b] (-1
@@ -333,10 +347,11 @@ def make_batches(
     for shapes, whose captions name left and right. A source's `sample_weights` (used only
     when shuffling) and `random_crop` apply as the module docstring says.
     """
+    tokenizer = _tokenizer(max_len, tokenizer)
     dataset = make_batch_dataset(
         source,
         global_batch=global_batch,
-        max_len=max_len,
+        tokenizer=tokenizer,
         seed=seed,
         process_index=process_index,
         process_count=process_count,
@@ -355,6 +370,6 @@ def make_batches(
         dataset,
         start_batch=start_batch,
         worker_count=worker_count,
-        max_len=max_len,
+        tokenizer=tokenizer,
         describe=describe,
     )

@@ -325,6 +325,7 @@ def make_example(
     include_position: bool | None = None,
     captions: str = DEFAULT_CAPTIONS,
     heldout_phrasing_share: float = 0.0,
+    draw: bool = True,
 ) -> dict:
     """Renders a record for given labels; jitter and caption choices come from `rng`, the
     caption last, so a record's image does not depend on the caption style.
@@ -332,10 +333,11 @@ def make_example(
     With `captions="grammar"` the caption is phrased with a held-out construction with
     probability `heldout_phrasing_share` (always drawn, so the other records' captions do not
     depend on the share); `phrasing` names the grammar's rules ("templates" otherwise).
+    `draw=False` skips rendering (`image` is None) and makes the same caption.
     """
     ids = {a: attribute_id(a, labels[a]) for a in ATTRIBUTES}
     center = sample_center(ids["position"], ids["size"], image_size, rng)
-    image = render(ids["shape"], ids["color"], ids["size"], center, image_size)
+    image = render(ids["shape"], ids["color"], ids["size"], center, image_size) if draw else None
     if check_captions(captions) == "grammar":
         from mmjax.data import captions as grammar  # captions imports this module
 
@@ -412,13 +414,20 @@ class ShapesSource:
         return self.num_records
 
     def __getitem__(self, index: int) -> dict:
+        return self._record(index, draw=True)
+
+    def caption(self, index: int) -> str:
+        """Record `index`'s caption, without rendering its image (building a vocabulary)."""
+        return self._record(index, draw=False)["caption"]
+
+    def _record(self, index: int, draw: bool) -> dict:
         index = int(index)
         if not 0 <= index < self.num_records:
             raise IndexError(f"index {index} out of range for {len(self)} {self.split} records")
         rng = record_rng(self.seed, self.split, index)
         labels = sample_labels(rng, allow_heldout=self.split != "train" or self.heldout_in_train)
         return make_example(labels, rng, self.image_size, captions=self.captions,
-                            heldout_phrasing_share=self.heldout_phrasing_share)
+                            heldout_phrasing_share=self.heldout_phrasing_share, draw=draw)
 
     def __repr__(self) -> str:
         return (

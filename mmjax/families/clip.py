@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.data import shapes
-from mmjax.data.tokenizer import ByteTokenizer
+from mmjax.data import tokenizer as tokenizers
 from mmjax.families.family import Family, LossAux, Objective
 from mmjax.models.clip import CLIP64, CLIPSmall, CLIPSmallViT, CLIPTiny, CLIPTinyViT
 
@@ -132,7 +132,7 @@ def zero_shot(model, params, s, images, prompt_tokens, *, counts):
 
 
 @functools.lru_cache(maxsize=16)
-def shapes_prompts(attribute: str, max_len: int, heldout_phrasing: bool = False) -> tuple[np.ndarray, tuple[int, ...]]:
+def shapes_prompts(attribute: str, tokenizer, heldout_phrasing: bool = False) -> tuple[np.ndarray, tuple[int, ...]]:
     """Tokens and per-class counts of the zero-shot prompts for a shapes attribute: the
     built-in ones, or the same labels phrased with the caption grammar's held-out
     constructions (which no training caption uses)."""
@@ -143,17 +143,17 @@ def shapes_prompts(attribute: str, max_len: int, heldout_phrasing: bool = False)
     else:
         prompts = shapes.attribute_prompts(attribute)
     flat = [p for per_class in prompts for p in per_class]
-    return ByteTokenizer(max_len).encode(flat), tuple(len(p) for p in prompts)
+    return tokenizer.encode_texts(flat)[0], tuple(len(p) for p in prompts)
 
 
 @functools.lru_cache(maxsize=4)
-def _full_caption_table(max_len: int) -> np.ndarray:
-    return ByteTokenizer(max_len).encode(shapes.full_captions())
+def _full_caption_table(tokenizer) -> np.ndarray:
+    return tokenizer.encode_texts(shapes.full_captions())[0]
 
 
-def full_caption_tokens(batch, max_len: int) -> jax.Array:
+def full_caption_tokens(batch, tokenizer) -> jax.Array:
     """The full caption (shape, color, size, position) of each image's labels."""
-    return jnp.asarray(_full_caption_table(max_len))[shapes.label_index(batch)]
+    return jnp.asarray(_full_caption_table(tokenizer))[shapes.label_index(batch)]
 
 
 def same_labels(batch) -> jax.Array:
@@ -167,15 +167,16 @@ def evaluate(model, params, batch, config):
     (a hit: the retrieved item has the query's attributes)."""
     images = batch["image"]
     image_emb = embed_images(model, params, None, images)
+    tokenizer = tokenizers.for_config(config)  # the train captions' vocabulary, as the run saved it
     out = {}
     for attribute in shapes.ATTRIBUTES:
-        tokens, counts = shapes_prompts(attribute, config.data.max_len)
+        tokens, counts = shapes_prompts(attribute, tokenizer)
         scores = image_emb @ class_embeddings(model, params, None, jnp.asarray(tokens), counts).T
         out[f"zero_shot_{attribute}"] = jnp.mean(jnp.argmax(scores, axis=1) == batch[attribute])
-        tokens, counts = shapes_prompts(attribute, config.data.max_len, heldout_phrasing=True)
+        tokens, counts = shapes_prompts(attribute, tokenizer, heldout_phrasing=True)
         scores = image_emb @ class_embeddings(model, params, None, jnp.asarray(tokens), counts).T
         out[f"zero_shot_heldout_phrasing_{attribute}"] = jnp.mean(jnp.argmax(scores, axis=1) == batch[attribute])
-    text_emb = embed_texts(model, params, None, full_caption_tokens(batch, config.data.max_len))
+    text_emb = embed_texts(model, params, None, full_caption_tokens(batch, tokenizer))
     match = same_labels(batch)
     sim = text_emb @ image_emb.T
     out["t2i_recall1"] = jnp.mean(jnp.take_along_axis(match, jnp.argmax(sim, 1)[:, None], 1))

@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.data.tokenizer import ByteTokenizer
+from mmjax.data.tokenizer import ABSENT_TEXT, ByteTokenizer, encoder_settings, text_settings
 from mmjax.families.family import Family, LossAux, Objective
+from mmjax.models.text import configure_text
 from mmjax.models.unet import DDPM32, LDM64, DDPM32Text, UNet, UNetLatentSmall, UNetSmall, UNetTiny
 from mmjax.sampling import attention_maps as attention_lib
 from mmjax.sampling import samplers
@@ -94,6 +95,8 @@ def resolve(config) -> None:
         raise ValueError(f"config key 'latent.vae_workdir': {workdir!r} holds a {saved.get('family')!r} "
                          "checkpoint, not a VAE")
     vae_cfg = {k: saved[k] for k in ("variant", "model", "dtype")}
+    # The VAE's encoder reads the same tokens as the UNet: both must tokenize alike.
+    vae_cfg["text"] = {k: v for k, v in text_settings(saved).items() if k != "vocab_records"}
     vae_cfg["image_size"] = saved["data"]["image_size"]
     vae_cfg["max_len"] = saved["data"]["max_len"]
     config.latent.vae_config = json.dumps(vae_cfg, sort_keys=True)
@@ -128,6 +131,13 @@ def validate(config) -> None:
             if vae_cfg[key] != config.data[key]:
                 raise ValueError(f"config key 'data.{key}' is {config.data[key]} but the VAE in "
                                  f"{config.latent.vae_workdir!r} was trained with {vae_cfg[key]}")
+        ours = {k: v for k, v in text_settings(config).items() if k != "vocab_records"}
+        theirs = {**ABSENT_TEXT, **vae_cfg.get("text", {})}
+        for key in ("tokenizer", "normalize", "vocab_size"):
+            if ours[key] != theirs[key]:
+                raise ValueError(f"config key 'text.{key}' is {ours[key]!r} but the VAE in "
+                                 f"{config.latent.vae_workdir!r} reads captions with {theirs[key]!r}: "
+                                 "the latent model feeds it the same tokens, so set them alike")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +171,8 @@ def _vae_module(vae_config_json: str, dtype: str):
     from mmjax.families import vae as vae_family  # a latent model rides on a VAE
 
     cfg = json.loads(vae_config_json)
-    return vae_family.VARIANTS[cfg["variant"]](**cfg["model"], dtype=jnp.dtype(dtype))
+    module = vae_family.VARIANTS[cfg["variant"]](**cfg["model"], dtype=jnp.dtype(dtype))
+    return configure_text(module, **encoder_settings({"text": cfg.get("text") or {}}))
 
 
 def vae_module(s: Settings):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax import zoo
-from mmjax.data.tokenizer import ByteTokenizer
+from mmjax.data import tokenizer as tokenizers
 from mmjax.images import to_float, to_uint8
 
 
@@ -63,7 +63,7 @@ class Model:
         self.path = path
         # The part of the config the family's abilities read (hashable: baked into programs).
         self.settings = self.family.settings(config) if self.family.settings else None
-        self.tokenizer = ByteTokenizer(config.data.max_len)
+        self.tokenizer = tokenizers.for_config(config, path or None)
         self._compiled: dict[tuple, object] = {}
 
     def __repr__(self):

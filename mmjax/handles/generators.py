@@ -170,7 +170,7 @@ class DiffusionModel(Generator):
         single = isinstance(prompts, str)
         prompts = self._prompt_list(prompts)
         num = _positive_int(num, "num")
-        spans = [amaps.word_spans(p, max_len=self.tokenizer.max_len) for p in prompts]
+        spans = [self.tokenizer.word_spans(p) for p in prompts]
         for prompt, words in zip(prompts, spans):
             if not words:
                 raise ValueError(f"the prompt {prompt!r} has no words to map")

@@ -212,6 +212,21 @@ def attention(q, k, v, mask=None, implementation: str | None = None) -> jax.Arra
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
+def rotary(x: jax.Array, base: float = 10_000.0) -> jax.Array:
+    """Rotary position embedding of `[B, L, heads, d]` queries or keys (d even): channel pair
+    (i, i + d/2) of position p rotated by the angle p * base^(-2i/d), in float32. Dot products
+    of rotated queries and keys then depend on positions only through their difference."""
+    dim = x.shape[-1]
+    if dim % 2:
+        raise ValueError(f"rotary positions need an even head dim, got {dim}")
+    half = dim // 2
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = jnp.arange(x.shape[1], dtype=jnp.float32)[:, None] * freqs[None, :]
+    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
 class Attention(nn.Module):
     """Multi-head attention: self-attention when `context` is None, cross-attention otherwise.
 
@@ -228,12 +243,16 @@ class Attention(nn.Module):
     axes restored, e.g. `[B, H, W, M]` for a feature map). The choice is made while tracing,
     so a call without that collection compiles exactly the fused path and sows nothing.
     `init` never sows, so the maps never land in a model's variables.
+
+    `rotary`: self-attention rotates queries and keys by their positions (`rotary`), so
+    attention sees relative, not absolute, positions.
     """
 
     num_heads: int
     head_dim: int | None = None
     out_features: int | None = None
     implementation: str | None = None
+    rotary: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -250,6 +269,10 @@ class Attention(nn.Module):
             (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
         q, k, v = proj("query")(x), proj("key")(context), proj("value")(context)
+        if self.rotary:
+            if cross:
+                raise ValueError("rotary positions apply to self-attention only")
+            q, k = rotary(q), rotary(k)
         if cross and self.is_mutable_collection(MAPS) and not self.is_initializing():
             out, weights = attention_with_weights(q, k, v, mask)
             maps = weights.mean(axis=1)
@@ -290,6 +313,7 @@ class TransformerBlock(nn.Module):
 
     `mask` masks the block's own keys `[B, N]`; `context_mask` masks the context's `[B, M]`.
     Cross-attention parameters exist only if the block was initialised with a context.
+    `rotary`: the self-attention uses rotary positions.
     """
 
     num_heads: int
@@ -297,6 +321,7 @@ class TransformerBlock(nn.Module):
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     implementation: str | None = None
+    rotary: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -314,7 +339,9 @@ class TransformerBlock(nn.Module):
             self.num_heads, self.head_dim, implementation=self.implementation, name=name, **kw
         )
         drop = nn.Dropout(self.dropout, deterministic=not train)
-        x = x + drop(attn("self_attn")(LayerNorm32(name="norm1", **kw)(x), mask=mask))
+        self_attn = Attention(self.num_heads, self.head_dim, implementation=self.implementation,
+                              rotary=self.rotary, name="self_attn", **kw)
+        x = x + drop(self_attn(LayerNorm32(name="norm1", **kw)(x), mask=mask))
         if context is not None:
             h = LayerNorm32(name="norm_cross", **kw)(x)
             x = x + drop(attn("cross_attn")(h, context, mask=context_mask))

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from mmjax.models.layers import Dtype, LayerNorm32, TransformerBlock
 
 PAD_ID = 0
+POSITIONS = ("learned", "rotary", "none")
 
 
 class TextEncoder(nn.Module):
@@ -20,6 +21,10 @@ class TextEncoder(nn.Module):
     Padded keys are masked in every attention, so padding appended to a caption changes
     neither the pooled vector nor the context at its real tokens. `context` and `pooled` are
     float32 (they come out of a norm / a mean); consumers cast them to their compute dtype.
+
+    `positions`: "learned" adds a learned vector per absolute slot (what every model saved
+    before this choice existed uses), "rotary" rotates the self-attention's queries and keys
+    by position (relative positions, no parameters), "none" gives no position information.
     """
 
     vocab_size: int = 259
@@ -27,6 +32,7 @@ class TextEncoder(nn.Module):
     depth: int = 2
     num_heads: int = 4
     max_len: int = 64
+    positions: str = "learned"
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     implementation: str | None = None
@@ -38,6 +44,8 @@ class TextEncoder(nn.Module):
         length = tokens.shape[1]
         if length > self.max_len:
             raise ValueError(f"caption length {length} exceeds max_len {self.max_len}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"text positions must be one of {POSITIONS}, got {self.positions!r}")
         mask = tokens != PAD_ID
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = nn.Embed(
@@ -47,10 +55,11 @@ class TextEncoder(nn.Module):
             name="token_embed",
             **kw,
         )(tokens)
-        pos = self.param(
-            "pos_embed", nn.initializers.normal(0.02), (self.max_len, self.width), self.param_dtype
-        )
-        x = x + pos[None, :length].astype(self.dtype)
+        if self.positions == "learned":
+            pos = self.param(
+                "pos_embed", nn.initializers.normal(0.02), (self.max_len, self.width), self.param_dtype
+            )
+            x = x + pos[None, :length].astype(self.dtype)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         for i in range(self.depth):
             x = TransformerBlock(
@@ -58,6 +67,7 @@ class TextEncoder(nn.Module):
                 mlp_ratio=self.mlp_ratio,
                 dropout=self.dropout,
                 implementation=self.implementation,
+                rotary=self.positions == "rotary",
                 name=f"block{i}",
                 **kw,
             )(x, mask=mask, train=train)
@@ -71,3 +81,11 @@ class TextEncoder(nn.Module):
 
 
 TextEncoderTiny = functools.partial(TextEncoder, width=32, depth=1, num_heads=2)
+
+
+def configure_text(module: nn.Module, *, vocab_size: int, positions: str) -> nn.Module:
+    """`module` (a model with a `text` TextEncoder constructor, or None) with its text
+    encoder's vocabulary size and position scheme set; a model without text is returned as is."""
+    if getattr(module, "text", None) is None:
+        return module
+    return module.clone(text=functools.partial(module.text, vocab_size=vocab_size, positions=positions))

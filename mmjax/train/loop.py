@@ -27,7 +27,8 @@ from tqdm import tqdm
 from mmjax import sharding, zoo
 from mmjax.checkpoint import Checkpointer
 from mmjax.data import pipeline
-from mmjax.data.tokenizer import ByteTokenizer
+from mmjax.data import tokenizer as tokenizers
+from mmjax.data.tokenizer import ABSENT_TEXT
 from mmjax.images import make_grid, to_uint8
 from mmjax.train.state import TrainState, create_state, make_optimizers
 from mmjax.train.step import make_train_step
@@ -37,9 +38,11 @@ log = logging.getLogger("mmjax.train")
 
 # Settings that change what a checkpoint means: resuming across a change of these is refused.
 RESUME_KEYS = ("family", "variant", "model", "dtype", "data.name", "data.path", "data.image_size",
-               "data.max_len", "data.seed", "data.captions", "train.seed", "train.batch_size")
+               "data.max_len", "data.seed", "data.captions", "train.seed", "train.batch_size",
+               "text.tokenizer", "text.normalize", "text.positions", "text.vocab_size")
 # What a key absent from a checkpoint's config meant: it was saved before the key existed.
-RESUME_ABSENT = {"data.captions": "templates"}  # see shapes.caption_style
+RESUME_ABSENT = {"data.captions": "templates",  # see shapes.caption_style
+                 **{f"text.{k}": v for k, v in ABSENT_TEXT.items()}}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -237,6 +240,7 @@ def train(config, workdir: str, *, stop_at: int | None = None, extra_eval=None) 
     # Built before anything is written: a dataset with too many bad images stops the run here,
     # without leaving a workdir behind.
     train_source = pipeline.make_source(config.data, "train")
+    tokenizer = run_tokenizer(config, workdir)
 
     best = family.best_metric
     writer = MetricWriter(workdir, enabled=is_main)
@@ -254,19 +258,21 @@ def train(config, workdir: str, *, stop_at: int | None = None, extra_eval=None) 
         else:
             state = jax.jit(init_fn, out_shardings=state_shardings)()
             if family.prepare is not None:
-                state = _prepare(family, state, config, replicated)
+                state = _prepare(family, state, config, replicated, tokenizer)
             start, start_batch = 0, 0
         if is_main:
             with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
                 f.write(config.to_json(indent=2))
+            if tokenizer.kind == "word":
+                tokenizer.save(workdir)
 
         train_batches = pipeline.make_batches(
             train_source, global_batch=config.train.batch_size,
-            max_len=config.data.max_len, seed=config.data.seed,
+            tokenizer=tokenizer, seed=config.data.seed,
             process_index=jax.process_index(), process_count=jax.process_count(),
             start_batch=start_batch, worker_count=config.data.worker_count,
             augment=config.data.augment)
-        eval_batches = _eval_batches(config, mesh)
+        eval_batches = _eval_batches(config, mesh, tokenizer)
 
         step_fn = make_train_step(objectives, optimizers, schedules,
                                   ema_decay=config.train.ema_decay, grad_accum=config.train.grad_accum)
@@ -388,22 +394,37 @@ def train(config, workdir: str, *, stop_at: int | None = None, extra_eval=None) 
                      trace_count=step_fn.trace_count[0], stopped_early=stopped_early)
 
 
-def _prepare(family, state: TrainState, config, replicated) -> TrainState:
+def run_tokenizer(config, workdir: str):
+    """The run's tokenizer. A word vocabulary is built from the train captions (the same on
+    every host, for the same config) and saved in the workdir; a resumed run checks that the
+    vocabulary saved there is the one it builds."""
+    tokenizer = tokenizers.for_config(config)
+    saved_path = os.path.join(workdir, tokenizers.TOKENIZER_FILE)
+    if tokenizer.kind == "word" and os.path.exists(saved_path):
+        if tokenizers.WordTokenizer.load(workdir, config.data.max_len) != tokenizer:
+            raise ResumeMismatchError(
+                f"refusing to resume: {saved_path} is not the vocabulary this config's train captions "
+                "build (the data or text settings changed). Use a new --workdir, or restore the "
+                "original settings.")
+    return tokenizer
+
+
+def _prepare(family, state: TrainState, config, replicated, tokenizer) -> TrainState:
     """The family's fresh-start hook (e.g. loading a frozen VAE). Every process reads the same
     batches (process 0's view of an unshuffled epoch), so all compute identical parameters."""
     batches = pipeline.make_batches(
         pipeline.make_source(config.data, "train"), global_batch=config.train.batch_size,
-        max_len=config.data.max_len, seed=config.data.seed, process_index=0, process_count=1,
+        tokenizer=tokenizer, seed=config.data.seed, process_index=0, process_count=1,
         shuffle=False, num_epochs=1)
     params = jax.device_put(family.prepare(jax.device_get(state.params), config, iter(batches)), replicated)
     return state.replace(params=params, ema_params=jax.tree.map(lambda x: x.copy(), params))
 
 
-def _eval_batches(config, mesh) -> list[dict]:
+def _eval_batches(config, mesh, tokenizer) -> list[dict]:
     """A fixed set of test batches, placed on devices once and reused at every evaluation."""
     batches = pipeline.make_batches(
         pipeline.make_source(config.data, "test"), global_batch=config.train.batch_size,
-        max_len=config.data.max_len, seed=config.data.seed, process_index=jax.process_index(),
+        tokenizer=tokenizer, seed=config.data.seed, process_index=jax.process_index(),
         process_count=jax.process_count(), shuffle=False, num_epochs=1)
     out = []
     for local in batches:
@@ -449,7 +470,7 @@ def _write_preview(writer, preview, params, batch, config, step: int) -> str | N
     tokens = _to_host(batch["tokens"])
     if not writer.enabled:
         return None
-    captions = ByteTokenizer(config.data.max_len).decode(tokens)
+    captions = tokenizers.for_config(config).decode(tokens)
     # A preview may hold several images per example (input, reconstruction, sample), in that
     # order for each of its first `sample.num` examples: repeat each caption to match.
     per = max(1, len(images) // max(1, min(len(captions), config.sample.num)))

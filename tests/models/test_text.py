@@ -75,3 +75,52 @@ def test_dropout_uses_rng(tiny):
     a = apply(model, variables, TOKENS, train=True, rngs={"dropout": KEY})[1]["pooled"]
     b = apply(model, variables, TOKENS, train=True, rngs={"dropout": key(1)})[1]
     assert not np.allclose(a, b["pooled"])
+
+
+# ----------------------------------------------------------------------------- position schemes
+
+def test_rotary_scores_depend_only_on_relative_position():
+    from mmjax.models.layers import rotary
+
+    q = jax.random.normal(key(1), (1, 1, 2, 8))
+    k = jax.random.normal(key(2), (1, 1, 2, 8))
+
+    def score(i, j):  # q placed at position i, k at position j, in a row of 12
+        rows = jnp.zeros((2, 12, 2, 8)).at[0, i].set(q[0, 0]).at[1, j].set(k[0, 0])
+        rotated = rotary(rows)
+        return float(jnp.sum(rotated[0, i] * rotated[1, j]))
+
+    assert score(3, 5) == pytest.approx(score(7, 9), abs=1e-4)
+    assert score(3, 5) != pytest.approx(score(3, 8), abs=1e-3)
+    x = jax.random.normal(key(3), (2, 12, 2, 8))
+    np.testing.assert_allclose(jnp.linalg.norm(rotary(x), axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+    with pytest.raises(ValueError, match="even head dim"):
+        rotary(jnp.zeros((1, 2, 1, 3)))
+
+
+@pytest.mark.parametrize("positions", ["rotary", "none"])
+def test_relative_and_no_positions_have_no_position_table(positions):
+    model = TextEncoderTiny(positions=positions)
+    variables = init(model, TOKENS)
+    assert "pos_embed" not in variables["params"] and "pos_embed" in init(TextEncoderTiny(), TOKENS)["params"]
+    context, aux = apply(model, variables, TOKENS)
+    padded = jnp.pad(TOKENS, ((0, 0), (0, 4)))
+    context2, aux2 = apply(model, variables, padded)
+    np.testing.assert_allclose(aux["pooled"], aux2["pooled"], atol=1e-5)
+    np.testing.assert_allclose(context[:, :5], context2[:, :5], atol=1e-5)
+
+
+def test_rotary_sees_word_order_and_none_does_not():
+    swapped = TOKENS.at[0, 1].set(71).at[0, 2].set(70)  # first two words swapped
+    pooled = {}
+    for positions in ("rotary", "none"):
+        model = TextEncoderTiny(positions=positions)
+        variables = init(model, TOKENS)
+        pooled[positions] = [apply(model, variables, t)[1]["pooled"][0] for t in (TOKENS, swapped)]
+    assert not np.allclose(*pooled["rotary"], atol=1e-4)
+    np.testing.assert_allclose(*pooled["none"], atol=1e-5)
+
+
+def test_unknown_position_scheme_is_refused():
+    with pytest.raises(ValueError, match="positions must be one of"):
+        init(TextEncoderTiny(positions="absolute"), TOKENS)

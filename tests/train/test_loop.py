@@ -178,3 +178,18 @@ def test_training_rate_is_written_for_every_interval(vae_run):
     log_every = config.train.log_every
     assert sorted(rates) == list(range(log_every, config.train.num_steps + 1, log_every))
     assert all(rate > 0 for rate in rates.values())
+
+
+def test_run_saves_its_vocabulary_and_resume_checks_the_text_path(vae_run, tmp_path):
+    from mmjax.data import tokenizer as tokenizers
+    from mmjax.train.loop import run_tokenizer
+
+    workdir, config, _ = vae_run
+    saved = tokenizers.WordTokenizer.load(workdir, config.data.max_len)
+    assert saved == tokenizers.build_for(config) and saved.vocab_size > 40
+    with pytest.raises(ResumeMismatchError, match="text.positions"):
+        train(tiny_config("vae_shapes", "text.positions=learned"), workdir)
+    other = tokenizers.WordTokenizer.build(["a red square", "a red square"], config.data.max_len, 64)
+    other.save(str(tmp_path))
+    with pytest.raises(ResumeMismatchError, match="tokenizer.json is not the vocabulary"):
+        run_tokenizer(config, str(tmp_path))
