@@ -371,10 +371,23 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+# The judge shipped with the repository: generators are scored by it unless --judge names another.
+DEFAULT_JUDGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pretrained", "cnn_shapes")
+
+
+def default_judge(model, judge: str | None) -> str | None:
+    """`judge`, or the shipped judge for a generator when none is named and it is there."""
+    if judge is None and "generate" in model.methods and os.path.isdir(DEFAULT_JUDGE):
+        print(f"judge: {os.path.relpath(DEFAULT_JUDGE)} (the shipped CNN judge; --judge names another)")
+        return DEFAULT_JUDGE
+    return judge
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--judge", help="workdir of a trained CNN judge (configs/cnn_shapes.py)")
+    parser.add_argument("--judge", help="a trained CNN judge (configs/cnn_shapes.py); generators default to "
+                                        "the shipped pretrained/cnn_shapes")
     parser.add_argument("--clip", help="workdir of a trained CLIP (configs/clip_shapes.py) for the CLIP score")
     parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--gallery", type=int, default=256, help="CLIP: test images to retrieve among")
@@ -404,7 +417,7 @@ def main(argv=None) -> int:
 
     try:
         model = api.load(args.workdir, step=args.step)
-        results = evaluate(model, judge=args.judge, clip=args.clip, num=args.num, seed=args.seed, generate_options=options,
+        results = evaluate(model, judge=default_judge(model, args.judge), clip=args.clip, num=args.num, seed=args.seed, generate_options=options,
                            edits=args.edits, gallery=args.gallery, reconstructions=args.reconstructions,
                            attention=args.attention)
     except (FileNotFoundError, ValueError, CheckpointError) as e:

@@ -44,10 +44,14 @@ def spectral_normalize(kernel: jax.Array, u: jax.Array, iterations: int):
     w = kernel.reshape(-1, kernel.shape[-1]).astype(jnp.float32)
     u = jax.lax.stop_gradient(u)
     w_const = jax.lax.stop_gradient(w)
-    for _ in range(max(iterations, 1)):
-        v = _normalize(w_const @ u)
-        u = _normalize(w_const.T @ v)
-        v = _normalize(w_const @ u)
+
+    def step(_, carry):
+        u, _ = carry
+        u = _normalize(w_const.T @ _normalize(w_const @ u))
+        return u, _normalize(w_const @ u)
+
+    # A loop, not unrolled Python: init's many iterations would grow every kernel's program.
+    u, v = jax.lax.fori_loop(0, max(iterations, 1), step, (u, jnp.zeros((w.shape[0],), jnp.float32)))
     sigma = v @ (w @ u)
     return (kernel.astype(jnp.float32) / sigma).astype(kernel.dtype), u, sigma
 

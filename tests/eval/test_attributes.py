@@ -264,3 +264,23 @@ def test_recolor_swaps_the_whole_color_word_in_its_case():
     assert _recolor("a square colored red", 0, 2) == "a square colored blue"
     assert _recolor("A RED SQUARE", 0, 3) == "A YELLOW SQUARE"
     assert _recolor("Red Square At The Top", 0, 1) == "Green Square At The Top"
+
+
+def test_generators_default_to_the_shipped_judge(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from mmjax import evaluate
+
+    generator, judge = SimpleNamespace(methods=["generate"]), SimpleNamespace(methods=["classify"])
+    monkeypatch.setattr(evaluate, "DEFAULT_JUDGE", str(tmp_path / "missing"))
+    assert evaluate.default_judge(generator, None) is None  # not shipped here: no judge, as before
+    monkeypatch.setattr(evaluate, "DEFAULT_JUDGE", str(tmp_path))
+    assert evaluate.default_judge(generator, None) == str(tmp_path) and "shipped CNN judge" in capsys.readouterr().out
+    assert evaluate.default_judge(generator, "runs/judge") == "runs/judge"
+    assert evaluate.default_judge(judge, None) is None
+
+
+def test_the_default_judge_is_where_the_repository_ships_it():
+    from mmjax.evaluate import DEFAULT_JUDGE
+
+    assert DEFAULT_JUDGE == os.path.join(REPO, "pretrained", "cnn_shapes")
