@@ -266,8 +266,10 @@ class WordTokenizer(_Counting):
         tokens = np.full((len(texts), self.max_len), PAD, np.int32)
         room = self.max_len - 2
         truncated = 0
-        for row, encoding in enumerate(self._tok.encode_batch(list(texts), add_special_tokens=False)):
-            ids = encoding.ids
+        for row, text in enumerate(texts):
+            # One text at a time: encode_batch's thread pool gains nothing on caption batches
+            # and is unsafe across the fork of grain's worker processes.
+            ids = self._ids(text).ids
             truncated += len(ids) > room
             ids = ids[:room]
             tokens[row, 0] = BOS

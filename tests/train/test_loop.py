@@ -180,15 +180,29 @@ def test_training_rate_is_written_for_every_interval(vae_run):
     assert all(rate > 0 for rate in rates.values())
 
 
-def test_run_saves_its_vocabulary_and_resume_checks_the_text_path(vae_run, tmp_path):
+WORD_PATH = ("text.tokenizer=word", "text.normalize=True", "text.positions=rotary")
+
+
+@pytest.mark.e2e
+def test_a_word_run_saves_exports_and_checks_its_vocabulary(tmp_path):
+    from mmjax import api
     from mmjax.data import tokenizer as tokenizers
     from mmjax.train.loop import run_tokenizer
 
-    workdir, config, _ = vae_run
+    workdir = str(tmp_path / "word")
+    config = tiny_config("vae_shapes", *WORD_PATH, "train.num_steps=2", "train.checkpoint_every=2",
+                         "train.eval_every=0", "train.sample_every=0")
+    train(config, workdir)
     saved = tokenizers.WordTokenizer.load(workdir, config.data.max_len)
     assert saved == tokenizers.build_for(config) and saved.vocab_size > 40
+    out = str(tmp_path / "exported")
+    api.export(workdir, out)
+    assert api.load(out).tokenizer == saved  # the vocabulary travels with the export
+    os.remove(os.path.join(out, tokenizers.TOKENIZER_FILE))
+    with pytest.raises(FileNotFoundError, match="tokenizer.json is missing"):
+        api.load(out)
     with pytest.raises(ResumeMismatchError, match="text.positions"):
-        train(tiny_config("vae_shapes", "text.positions=learned"), workdir)
+        train(tiny_config("vae_shapes", *WORD_PATH[:2], "train.num_steps=2"), workdir)
     other = tokenizers.WordTokenizer.build(["a red square", "a red square"], config.data.max_len, 64)
     other.save(str(tmp_path))
     with pytest.raises(ResumeMismatchError, match="tokenizer.json is not the vocabulary"):
