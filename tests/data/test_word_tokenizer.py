@@ -53,7 +53,7 @@ def test_vocabulary_keeps_frequent_words_within_capacity():
         WordTokenizer.build(CAPTIONS, max_len=16, capacity=4)
 
 
-def test_a_120_character_prompt_reaches_a_default_model_whole():
+def test_a_120_character_prompt_reaches_a_word_model_whole():
     prompt = ("Could you please paint one small red square, placed right up in the top left corner "
               "of the picture, on a plain black ground")[:120]
     assert len(prompt) == 120
