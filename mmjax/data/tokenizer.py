@@ -20,7 +20,6 @@ import functools
 import json
 import logging
 import os
-import re
 import unicodedata
 from typing import Sequence
 
@@ -159,7 +158,6 @@ class ByteTokenizer(_Counting):
 TOKENIZER_FILE = "tokenizer.json"
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 UNK = 3
-_WORD = re.compile(r"\w+(?:['\u2019-]\w+)*")  # a word of a prompt, as attention maps name them
 
 
 def _new_word_tokenizer(lowercase: bool):
@@ -289,9 +287,11 @@ class WordTokenizer(_Counting):
     def word_spans(self, prompt: str) -> list[tuple[str, int, int]]:
         """`(word, start, end)` for each word of `prompt` with a token in the row: tokens
         `start:end` (row positions, BOS at 0) are the ones whose text lies in the word."""
+        from mmjax.sampling.attention_maps import WORD  # words as attention maps name them
+
         offsets = self._ids(prompt).offsets[: self.max_len - 2]
         spans = []
-        for match in _WORD.finditer(prompt):
+        for match in WORD.finditer(prompt):
             inside = [i for i, (a, b) in enumerate(offsets) if a < match.end() and b > match.start()]
             if inside:
                 spans.append((match.group(), 1 + inside[0], 2 + inside[-1]))

@@ -26,7 +26,7 @@ COLLECTION = "attention_maps"  # the name models/layers.py sows under
 
 # A word: letters or digits, with inner apostrophes or hyphens ("don't", "top-left");
 # whitespace and punctuation separate words and belong to none.
-_WORD = re.compile(r"\w+(?:['\u2019-]\w+)*")
+WORD = re.compile(r"\w+(?:['\u2019-]\w+)*")
 
 
 def layer_maps(collection: Any) -> list[jax.Array]:
@@ -126,7 +126,7 @@ def word_spans(prompt: str, bos: int = 1, max_len: int | None = None) -> list[tu
         # Decoding the cut bytes drops a trailing partial character, as the tokenizer does.
         kept = len(data[:room].decode("utf-8", errors="ignore").encode("utf-8"))
     spans = []
-    for match in _WORD.finditer(prompt):
+    for match in WORD.finditer(prompt):
         start = len(prompt[: match.start()].encode("utf-8"))
         end = min(start + len(match.group().encode("utf-8")), kept)
         if start < end:
