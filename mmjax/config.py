@@ -313,13 +313,12 @@ def base_config() -> ConfigDict:
     c.data.balance = ""
     c.data.balance_words = ()
 
-    # The text path (mmjax/data/tokenizer.py). The measured choice (RESULTS.md#text-path) is
-    # word / normalize / rotary; the defaults stay the previous path (bytes as written, learned
-    # positions) until the generators are retrained and checked on it.
+    # The text path (mmjax/data/tokenizer.py), chosen by measurement (RESULTS.md#text-path).
+    # A saved config without this section read bytes as written with learned positions.
     c.text = ConfigDict()
-    c.text.tokenizer = "byte"  # "word" (vocabulary of the train captions, tokenizer.json) or "byte"
-    c.text.normalize = False  # NFKC and lower case before tokenizing (whitespace never counts)
-    c.text.positions = "learned"  # text encoder positions: "rotary", "learned" or "none"
+    c.text.tokenizer = "word"  # "word" (vocabulary of the train captions, tokenizer.json) or "byte"
+    c.text.normalize = True  # NFKC and lower case before tokenizing (whitespace never counts)
+    c.text.positions = "rotary"  # text encoder positions: "rotary", "learned" or "none"
     c.text.vocab_size = 512  # word: the embedding table's rows, the vocabulary's capacity
     c.text.vocab_records = 5000  # word: how many train captions the vocabulary is built from
 

@@ -58,6 +58,21 @@ def _read_export(path: str) -> StoredModel:
     return StoredModel(config, _float32(serialization.msgpack_restore(data)), int(manifest["step"]), path)
 
 
+def read_config(path: str, step: int | None = None) -> dict:
+    """The saved config of the model in `path` (a workdir or an export), without its weights."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"workdir not found: {path!r}")
+    if is_export(path):
+        if step is not None:
+            raise ValueError(f"{path} is an exported model with one step; do not pass step")
+        with open(os.path.join(path, EXPORT_CONFIG), encoding="utf-8") as f:
+            return json.load(f)
+    from mmjax.checkpoint import Checkpointer
+
+    with Checkpointer(path, read_only=True) as ckpt:
+        return ckpt.restore_config(step)
+
+
 def read(path: str, step: int | None = None) -> StoredModel:
     """The config and EMA weights in `path` (a workdir or an export); never writes to it.
 

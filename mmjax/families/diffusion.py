@@ -79,26 +79,37 @@ def add_defaults(c) -> None:
 
 
 def resolve(config) -> None:
-    """Copies the VAE's family/variant/model/data fields into `latent.vae_config`."""
+    """Copies the VAE's family/variant/model/data fields into `latent.vae_config`.
+
+    `latent.vae_workdir` is a VAE's run directory or its export (`pretrained/vae_shapes`)."""
     workdir = config.latent.vae_workdir
     if not workdir or config.latent.vae_config:
         return
-    from mmjax.checkpoint import Checkpointer  # checkpoint knows no families; no cycle
+    from mmjax import model_files  # the VAE's saved config, read as files: no loader, no train code
 
     if not os.path.isdir(workdir):
         raise ValueError(f"config key 'latent.vae_workdir': no such directory {workdir!r} "
-                         "(train a VAE first: python train.py --config configs/vae_shapes.py --workdir runs/vae)")
-    with Checkpointer(workdir, read_only=True) as ckpt:
-        step = None if config.latent.vae_step < 0 else config.latent.vae_step
-        saved = ckpt.restore_config(step)
+                         "(train a VAE first: python train.py --config configs/vae_shapes.py --workdir runs/vae, "
+                         "or use the shipped one: pretrained/vae_shapes)")
+    saved = model_files.read_config(workdir, None if config.latent.vae_step < 0 else config.latent.vae_step)
     if saved.get("family") != "vae":
         raise ValueError(f"config key 'latent.vae_workdir': {workdir!r} holds a {saved.get('family')!r} "
-                         "checkpoint, not a VAE")
+                         "model, not a VAE")
     vae_cfg = {k: saved[k] for k in ("variant", "model", "dtype")}
     # The VAE's encoder reads the same tokens as the UNet: both must tokenize alike.
     vae_cfg["text"] = {k: v for k, v in text_settings(saved).items() if k != "vocab_records"}
     vae_cfg["image_size"] = saved["data"]["image_size"]
     vae_cfg["max_len"] = saved["data"]["max_len"]
+    ours = text_settings(config)
+    alike = all(ours[k] == vae_cfg["text"][k] for k in ("tokenizer", "normalize", "vocab_size"))
+    if alike and ours["tokenizer"] == "word" and saved["data"]["max_len"] == config.data.max_len:
+        from mmjax.data import tokenizer as tokenizers
+
+        if tokenizers.WordTokenizer.load(workdir, config.data.max_len) != tokenizers.for_config(config):
+            raise ValueError(f"config key 'latent.vae_workdir': the word vocabulary in {workdir!r} is not "
+                             "the one this config's train captions build (the data or text settings "
+                             "differ), so the VAE would read other words than the UNet; use the VAE's "
+                             "data and text settings")
     config.latent.vae_config = json.dumps(vae_cfg, sort_keys=True)
 
 

@@ -177,6 +177,25 @@ def test_ldm_refuses_a_non_vae_workdir(cnn_run):
         tiny_config("ldm_shapes", f"latent.vae_workdir={cnn_run[0]}")
 
 
+def test_ldm_rides_on_an_exported_vae_with_the_same_vocabulary(vae_run, tmp_path):
+    import json
+
+    from mmjax.data.tokenizer import TOKENIZER_FILE, WordTokenizer
+
+    exported = api.export(vae_run[0], str(tmp_path / "vae_export"))
+    from_run = tiny_config("ldm_shapes", f"latent.vae_workdir={vae_run[0]}")
+    from_export = tiny_config("ldm_shapes", f"latent.vae_workdir={exported}")
+    assert from_export.latent.vae_config == from_run.latent.vae_config
+    assert json.loads(from_export.latent.vae_config)["text"]["tokenizer"] == from_run.text.tokenizer == "word"
+    # Another vocabulary (same settings, other words) would feed the VAE ids it never learned.
+    other = WordTokenizer.build(["a red thing", "a red thing", "blue stuff", "blue stuff"],
+                                max_len=from_run.data.max_len, capacity=from_run.text.vocab_size)
+    with open(os.path.join(exported, TOKENIZER_FILE), "w", encoding="utf-8") as f:
+        f.write(other.spec)
+    with pytest.raises(ConfigError, match="latent.vae_workdir.*word vocabulary"):
+        tiny_config("ldm_shapes", f"latent.vae_workdir={exported}")
+
+
 def test_variants_are_registered():
     assert set(zoo.FAMILIES["diffusion"].variants) >= {"tiny", "small", "latent_small", "ddpm32", "ldm64"}
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mmjax import zoo
-from mmjax.data import pipeline
+from mmjax.data import pipeline, tokenizer
 from mmjax.train.state import create_state, make_optimizer
 from mmjax.train.step import make_train_step
 from tests.helpers import tiny_config
@@ -16,7 +16,7 @@ from tests.helpers import tiny_config
 
 def one_batch(config, size=16):
     source = pipeline.make_source(config.data, "train")
-    batches = pipeline.make_batches(source, global_batch=size, max_len=config.data.max_len, seed=0)
+    batches = pipeline.make_batches(source, global_batch=size, tokenizer=tokenizer.for_config(config), seed=0)
     return {k: jnp.asarray(v) for k, v in next(batches).items()}
 
 

@@ -144,12 +144,12 @@ def test_inversion_recovers_a_known_latent(gan_run):
 
 
 def test_projection_discriminator_prefers_matching_captions(gan_run):
-    _, config, result = gan_run
+    workdir, config, result = gan_run
     model = zoo.build_model(config)
-    from mmjax.data import pipeline
+    from mmjax.data import pipeline, tokenizer
 
     batch = next(pipeline.make_batches(pipeline.make_source(config.data, "test"), global_batch=256,
-                                       max_len=config.data.max_len, seed=3, shuffle=False))
+                                       tokenizer=tokenizer.for_config(config, workdir), seed=3, shuffle=False))
     images, tokens = jnp.asarray(batch["image"]), jnp.asarray(batch["tokens"])
     # Mismatched: another test caption of a different color.
     order = np.argsort(batch["color"], kind="stable")
