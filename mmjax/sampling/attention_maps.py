@@ -34,7 +34,8 @@ def layer_maps(collection: Any) -> list[jax.Array]:
 
     `collection` is what `apply(..., mutable=["attention_maps"])` returns as its second value,
     or that value's `["attention_maps"]` entry; each leaf is one layer's `[B, h, w, L]` map
-    (or `[B, h*w, L]`).
+    (or `[B, h*w, L]`), or a scanned stack of layers' `[depth, B, h, w, L]`, which counts as
+    `depth` layers.
     """
     if isinstance(collection, dict) and COLLECTION in collection:
         collection = collection[COLLECTION]
@@ -44,7 +45,7 @@ def layer_maps(collection: Any) -> list[jax.Array]:
             "no attention maps were sown: apply the model with mutable=['attention_maps'] "
             "and a caption (only cross-attention layers sow)"
         )
-    return leaves
+    return [layer for leaf in leaves for layer in (list(leaf) if leaf.ndim == 5 else [leaf])]
 
 
 def _spatial(layer: jax.Array, size: tuple[int, int]) -> jax.Array:

@@ -77,6 +77,11 @@ def test_token_maps_resize_and_average_layers_of_two_resolutions():
     np.testing.assert_allclose(float(token2[6:, 6:].mean()), 0.5, atol=1e-6)
     with pytest.raises(ValueError, match="no attention maps"):
         token_maps({"attention_maps": {}}, (8, 8))
+    # A scanned stack of layers sows [depth, B, h, w, L]: each of its layers counts once.
+    stacked = {"blocks": {"weights": (jnp.stack([coarse, jnp.ones((1, 2, 2, 3))]),)}}
+    layers = layer_maps(stacked)
+    assert len(layers) == 2 and layers[0].shape == (1, 2, 2, 3)
+    np.testing.assert_allclose(token_maps(stacked, (4, 4))[0, 0, 0, 1], 1.0, atol=1e-6)
 
 
 def test_timestep_average_noises_x0_at_each_timestep():
