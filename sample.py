@@ -46,7 +46,7 @@ def _parser():
     options.add_argument("--strength", type=float, help="img2img, edit: how far into the noise, in (0, 1]")
     options.add_argument("--guidance", type=float, help="diffusion: classifier-free guidance scale")
     options.add_argument("--negative-prompt", help="diffusion: the caption guidance steers away from")
-    options.add_argument("--sampler", help="diffusion: ddim, ddpm, dpmpp_2m or euler")
+    options.add_argument("--sampler", help="diffusion: ddim, ddpm, dpmpp_2m or euler; flow: euler or heun")
     options.add_argument("--steps", type=int, help="denoising steps (diffusion), inversion steps (GAN)")
     options.add_argument("--eta", type=float, help="diffusion: DDIM noise (0 = deterministic)")
     options.add_argument("--temperature", type=float, help="VAE: the prior's spread")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from mmjax.data.tokenizer import encoder_settings
-from mmjax.families import clip, cnn, diffusion, gan, vae
+from mmjax.families import clip, cnn, diffusion, flow, gan, vae
 from mmjax.families.family import Family
 from mmjax.models.text import configure_text
 
@@ -13,6 +13,7 @@ FAMILIES: dict[str, Family] = {
     "cnn": cnn.FAMILY,
     "vae": vae.FAMILY,
     "diffusion": diffusion.FAMILY,
+    "flow": flow.FAMILY,
     "clip": clip.FAMILY,
     "gan": gan.FAMILY,
 }

@@ -92,6 +92,12 @@ def diffusion_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def flow_run(tmp_path_factory):
+    """A tiny pixel-space flow-matching DiT run (20 steps)."""
+    return _tiny_run(tmp_path_factory, "flow_shapes")
+
+
+@pytest.fixture(scope="session")
 def ldm_run(tmp_path_factory, vae_run):
     """A tiny latent diffusion run on the tiny VAE's latents (20 steps)."""
     from mmjax.train.loop import train

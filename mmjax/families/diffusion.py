@@ -33,7 +33,8 @@ import numpy as np
 from mmjax.data.tokenizer import ABSENT_TEXT, ByteTokenizer, encoder_settings, text_settings
 from mmjax.families.family import Family, LossAux, Objective
 from mmjax.models.text import configure_text
-from mmjax.models.unet import DDPM32, LDM64, DDPM32Text, UNet, UNetLatentSmall, UNetSmall, UNetTiny
+from mmjax.models.dit import DiTB2, DiTS2, DiTShapes, DiTTiny
+from mmjax.models.unet import DDPM32, LDM64, DDPM32Text, UNetLatentSmall, UNetSmall, UNetTiny
 from mmjax.sampling import attention_maps as attention_lib
 from mmjax.sampling import samplers
 from mmjax.sampling import schedules as sched
@@ -48,6 +49,11 @@ VARIANTS = {
     "ddpm32": DDPM32,
     "ddpm32_text": DDPM32Text,
     "ldm64": LDM64,
+    # Diffusion transformers (models/dit.py): the same interface, so either objective drives them.
+    "dit_tiny": DiTTiny,
+    "dit_shapes": DiTShapes,
+    "dit_s2": DiTS2,
+    "dit_b2": DiTB2,
 }
 
 WEIGHTINGS = ("uniform", "min_snr")
@@ -71,6 +77,11 @@ def add_defaults(c) -> None:
     c.sample.guidance = 3.0
     c.sample.eta = 0.0
     c.sample.preview_steps = 25
+    add_latent_defaults(c)
+
+
+def add_latent_defaults(c) -> None:
+    """The `latent` section: a frozen VAE under the model, or pixel space."""
     c.latent = type(c)()
     c.latent.vae_workdir = ""  # "" = pixel space
     c.latent.vae_step = -1  # -1 = the VAE's latest good step
@@ -126,9 +137,16 @@ def validate(config) -> None:
     if config.sample.sampler not in samplers.SAMPLERS:
         raise ValueError(f"config key 'sample.sampler' must be one of {samplers.SAMPLERS}, "
                          f"got {config.sample.sampler!r}")
+    validate_latent(config, VARIANTS)
+
+
+def validate_latent(config, variants) -> None:
+    """The backbone predicts what it runs on (image or latent channels); a frozen VAE reads
+    captions with the same tokenizer and sizes as the model above it."""
     if not config.latent.vae_config:
-        kwargs = {**getattr(VARIANTS[config.variant], "keywords", {}), **config.model}
-        predicts = kwargs.get("out_channels", UNet.out_channels)
+        variant = variants[config.variant]
+        kwargs = {**getattr(variant, "keywords", {}), **config.model}
+        predicts = kwargs.get("out_channels", getattr(variant, "func", variant).out_channels)
         channels = config.data.get("channels", 3)
         if predicts != channels:
             raise ValueError(
@@ -243,8 +261,13 @@ def _reads_text(model) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 def init(model, rng, batch, config):
+    return init_params(model, rng, batch, settings(config))
+
+
+def init_params(model, rng, batch, s):
+    """The backbone's parameters (`unet`, whichever network it is) and, on latents, placeholders
+    for the frozen VAE and the latent statistics that `prepare` fills."""
     unet_key, vae_key = jax.random.split(rng)
-    s = settings(config)
     shape = x0_shape(s)
     x = jnp.zeros((1,) + shape, jnp.float32)
     tokens = batch["tokens"][:1] if _reads_text(model) else None
@@ -274,7 +297,7 @@ def prepare(params, config, batches):
     if vae.config.get("family") != "vae":
         raise ValueError(f"config key 'latent.vae_workdir': {config.latent.vae_workdir!r} holds a "
                          f"{vae.config.get('family')!r} model, not a VAE")
-    module = vae_module(settings(config))
+    module = _vae_module(config.latent.vae_config, config.dtype)  # any family's config that has `latent`
     encode_fn = jax.jit(lambda p, x, tok: module.apply({"params": p}, x, tok, method=type(module).encode)[0])
     means = []
     for _, batch in zip(range(max(1, config.latent.stats_batches)), batches):
@@ -338,41 +361,48 @@ def evaluate(model, params, batch, config):
 # ---------------------------------------------------------------------------------------------
 
 def _text(model, params, tokens):
-    return model.apply({"params": params["unet"]}, tokens, method=UNet.encode_text)
+    return model.apply({"params": params["unet"]}, tokens, method=type(model).encode_text)
 
 
-def make_denoiser(model, params, s: Settings, tokens, uncond_tokens, guidance, weights=None, tokens_b=None):
-    """`(x_t, t) -> (x0, eps)` with classifier-free guidance.
+def guided(model, params, s, tokens, uncond_tokens, guidance, weights=None, tokens_b=None):
+    """`(x, t) -> out`: the backbone's output with classifier-free guidance, float32.
 
-    One UNet call per step evaluates the conditional and unconditional rows together:
+    One call per step evaluates the conditional and unconditional rows together:
     `out = out_u + guidance * (out_c - out_u)` (guidance 1 = conditional, 0 = unconditional).
     `uncond_tokens` (None = the empty caption) is what guidance steers away from: a negative
     prompt. With `tokens_b` and per-row `weights`, the conditional output is the blend
-    `(1 - w) * out(a) + w * out(b)`: interpolation between two prompts. In pixel space the
-    x0 estimate is clipped to [-1, 1].
+    `(1 - w) * out(a) + w * out(b)`: interpolation between two prompts. Any objective whose
+    target is linear in the output (eps, v, x0, a flow's velocity) can be guided this way.
     """
+    variables = {"params": params["unet"]}
+    denoise = type(model).denoise
+    if not _reads_text(model):
+        return lambda x, t: model.apply(variables, x, t, None, method=denoise).astype(jnp.float32)
+    if uncond_tokens is None:
+        uncond_tokens = empty_tokens(s, tokens.shape[0])
+    groups = [tokens, uncond_tokens] + ([tokens_b] if tokens_b is not None else [])
+    text = _text(model, params, jnp.concatenate(groups))
+    n = len(groups)
+
+    def raw(x, t):
+        out = model.apply(variables, jnp.concatenate([x] * n), jnp.concatenate([t] * n), text,
+                          method=denoise).astype(jnp.float32)
+        parts = jnp.split(out, n)
+        out_c, out_u = parts[0], parts[1]
+        if tokens_b is not None:
+            w = weights.reshape((-1,) + (1,) * (x.ndim - 1))
+            out_c = (1 - w) * out_c + w * parts[2]
+        return out_u + guidance * (out_c - out_u)
+
+    return raw
+
+
+def make_denoiser(model, params, s: Settings, tokens, uncond_tokens, guidance, weights=None, tokens_b=None):
+    """`(x_t, t) -> (x0, eps)` from the `guided` output. In pixel space the x0 estimate is
+    clipped to [-1, 1]."""
     schedule = noise_schedule(s)
     pixel = vae_module(s) is None
-    unet = {"params": params["unet"]}
-    if not _reads_text(model):
-        def raw(x, t):
-            return model.apply(unet, x, t, None, method=UNet.denoise)
-    else:
-        if uncond_tokens is None:
-            uncond_tokens = empty_tokens(s, tokens.shape[0])
-        groups = [tokens, uncond_tokens] + ([tokens_b] if tokens_b is not None else [])
-        text = _text(model, params, jnp.concatenate(groups))
-        n = len(groups)
-
-        def raw(x, t):
-            out = model.apply(unet, jnp.concatenate([x] * n), jnp.concatenate([t] * n), text,
-                              method=UNet.denoise).astype(jnp.float32)
-            parts = jnp.split(out, n)
-            out_c, out_u = parts[0], parts[1]
-            if tokens_b is not None:
-                w = weights.reshape((-1,) + (1,) * (x.ndim - 1))
-                out_c = (1 - w) * out_c + w * parts[2]
-            return out_u + guidance * (out_c - out_u)
+    raw = guided(model, params, s, tokens, uncond_tokens, guidance, weights, tokens_b)
 
     def denoise(x, t):
         x0, eps = sched.predict_x0_eps(s.prediction, raw(x, t).astype(jnp.float32), x, schedule, t)
@@ -486,7 +516,7 @@ def attention_maps(model, params, s: Settings, tokens, rng, guidance, uncond_tok
     text = _text(model, params, tokens)
 
     def maps_at(x_t, t):
-        _, state = model.apply({"params": params["unet"]}, x_t, t, text, method=UNet.denoise,
+        _, state = model.apply({"params": params["unet"]}, x_t, t, text, method=type(model).denoise,
                                mutable=[attention_lib.COLLECTION])
         return state
 

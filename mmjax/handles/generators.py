@@ -57,12 +57,15 @@ class Generator(Model):
 class DiffusionModel(Generator):
     """A text-to-image diffusion model (pixel space, or on a frozen VAE's latents)."""
 
-    def _sampling(self, sampler=None, steps=None, eta=None) -> dict:
+    def _sampling(self, sampler=None, steps=None, eta=None, stochastic: bool = True) -> dict:
+        """The sampler options, defaulted from `config.sample`; without `stochastic`, no eta."""
         sample = self.config.sample
         sampler = sample.sampler if sampler is None else sampler
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         steps = _positive_int(sample.steps if steps is None else steps, "steps")
+        if not stochastic:
+            return {"sampler": sampler, "steps": steps}
         eta = _finite(sample.eta if eta is None else eta, "eta")
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
@@ -98,8 +101,7 @@ class DiffusionModel(Generator):
         """SDEdit: re-noise the images to `strength` in (0, 1] and denoise toward `prompts`."""
         x = self._images(images)
         tokens = self._prompts_for(prompts, len(x))
-        options = self._sampling(sampler, steps)
-        del options["eta"]
+        options = self._sampling(sampler, steps, stochastic=False)
         out = self._call("img2img", x, tokens, jax.random.key(_seed(seed)), self._guidance(guidance),
                          self._negative(negative_prompt, len(x)), strength=_fraction(strength, "strength"),
                          **options)
@@ -148,8 +150,7 @@ class DiffusionModel(Generator):
         if pa is None:
             raise ValueError("give prompt_a and/or prompt_b")
         seed_b = seed_a if seed_b is None else seed_b
-        options = self._sampling(sampler, steps)
-        del options["eta"]
+        options = self._sampling(sampler, steps, stochastic=False)
         out = self._call("interpolate_prompts", self._tokens([pa])[0], self._tokens([pb])[0],
                          jax.random.key(_seed(seed_a, "seed_a")), jax.random.key(_seed(seed_b, "seed_b")),
                          self._guidance(guidance), num=_positive_int(num, "num"), **options)
@@ -184,6 +185,62 @@ class DiffusionModel(Generator):
             per_word = amaps.normalise(jnp.moveaxis(amaps.word_maps(maps[rows], words), -1, 1))  # [num, words, H, W]
             results.append(AttentionMaps(images[rows], [w for w, _, _ in words], np.asarray(per_word)))
         return results[0] if single else results
+
+
+class FlowModel(DiffusionModel):
+    """A text-to-image flow-matching model (DiT or UNet backbone, pixel space or latents).
+
+    The diffusion model's methods, sampled by integrating the probability-flow ODE:
+    `sampler` is 'euler' or 'heun' (two backbone calls a step), `shift` (> 0) moves the time
+    grid toward high noise (1: evenly spaced). There is no eta: the sampler is deterministic."""
+
+    def _sampling(self, sampler=None, steps=None, eta=None, stochastic: bool = True, shift=None) -> dict:
+        from mmjax.sampling.flow import SOLVERS
+
+        if eta is not None:
+            raise TypeError("eta does not apply to flow matching: its ODE samplers are deterministic")
+        sample = self.config.sample
+        sampler = sample.sampler if sampler is None else sampler
+        if sampler not in SOLVERS:
+            raise ValueError(f"sampler must be one of {SOLVERS}, got {sampler!r}")
+        shift = _finite(sample.shift if shift is None else shift, "shift")
+        if shift <= 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        return {"sampler": sampler, "steps": _positive_int(sample.steps if steps is None else steps, "steps"),
+                "shift": shift}
+
+    def inpaint(self, images, masks, prompts, seed: int = 0, *, guidance: float | None = None,
+                negative_prompt=None, sampler: str | None = None, steps: int | None = None) -> np.ndarray:
+        """Regenerate where `masks` (`[N, H, W]` or `[H, W]`, nonzero = regenerate) is set; the
+        other pixels come back exactly as given. After every ODE step the kept part is put back
+        on its own path, so the new region grows in harmony with it."""
+        x = self._images(images)
+        masks = np.asarray(masks)
+        if masks.ndim == 2:
+            masks = np.broadcast_to(masks, (len(x),) + masks.shape)
+        if masks.shape != x.shape[:3]:
+            raise ValueError(f"masks must be [N, H, W] matching the images {tuple(x.shape[:3])}, "
+                             f"got shape {masks.shape}")
+        tokens = self._prompts_for(prompts, len(x))
+        out = self._call("inpaint", x, jnp.asarray(masks != 0), tokens, jax.random.key(_seed(seed)),
+                         self._guidance(guidance), self._negative(negative_prompt, len(x)),
+                         **self._sampling(sampler, steps))
+        return self._out(out)
+
+    def edit(self, images, source_prompts, target_prompts, *, strength: float = 0.8, steps: int | None = None,
+             sampler: str | None = None, seed: int = 0, guidance: float | None = None,
+             negative_prompt=None) -> np.ndarray:
+        """Prompt edit: integrate the ODE backwards from each image under its own caption up to
+        t = `strength`, then forwards under the target caption. What the two captions share
+        (layout, position, size) survives the round trip. Deterministic; `seed` is accepted
+        for the diffusion model's signature."""
+        x = self._images(images)
+        source = self._prompts_for(source_prompts, len(x), "source prompts")
+        target = self._prompts_for(target_prompts, len(x), "target prompts")
+        out = self._call("edit", x, source, target, jax.random.key(_seed(seed)), self._guidance(guidance),
+                         self._negative(negative_prompt, len(x)), strength=_fraction(strength, "strength"),
+                         **self._sampling(sampler, steps))
+        return self._out(out)
 
 
 class VAEModel(Generator):

@@ -63,7 +63,7 @@ def test_cnn_cross_entropy_matches_optax():
 def test_loading_the_families_does_not_import_optax():
     # Sampling from a model needs its family, never the optimizer library.
     code = ("import sys; import mmjax.families.cnn, mmjax.families.vae, mmjax.families.clip, "
-            "mmjax.families.diffusion; print('optax' in sys.modules)")
+            "mmjax.families.diffusion, mmjax.families.flow; print('optax' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.stdout.strip() == "False", out.stdout + out.stderr
