@@ -24,7 +24,9 @@ def get_config(arg=None):
     c.variant = "dit_shapes"
     add_defaults(c)
     c.model.out_channels = 8
-    c.model.block = "cross"
+    c.model.block = "cross"  # measured against "joint" in RESULTS.md
+    c.model.scan = True  # blocks in one nn.scan: compile time independent of depth
+    c.model.remat = False  # True: recompute block activations in the backward pass (memory)
     c.train.num_steps = 6000
     c.train.sample_every = 1000
     c.train.eval_every = 1000

@@ -45,7 +45,7 @@ def parse_args(argv):
                    help="attention kernel inside the models (auto: cuDNN where eligible)")
     p.add_argument("--steps", type=int, default=20, help="timed train steps")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--sampler", default=None, help="default: each config's sample.sampler")
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--sample-batch", type=int, default=None, help="default: the train batch size")
     p.add_argument("--guidance", type=float, default=3.0)

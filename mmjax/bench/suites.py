@@ -43,6 +43,19 @@ PRESETS = {
                                 "model.d_widths": (64, 128, 256, 512), "data.image_size": 64,
                                 "train.batch_size": 128},
               {"variant": "tiny", "data.image_size": 16, "train.batch_size": 8}),
+    # Diffusion transformers with flow matching on 32x32x4 latents (256x256 images), patch 2, 77
+    # tokens: DiT-S/2 and DiT-B/2 with scanned blocks, and DiT-B/2 unrolled (compile time).
+    "dit_s2": ("flow_shapes.py", {"variant": "dit_s2", "data.image_size": 32, "data.channels": 4,
+                                  "model.out_channels": 4, "data.max_len": 77, "train.batch_size": 256},
+               {"variant": "dit_tiny", "data.image_size": 16, "data.max_len": 16, "train.batch_size": 8}),
+    "dit_b2": ("flow_shapes.py", {"variant": "dit_b2", "data.image_size": 32, "data.channels": 4,
+                                  "model.out_channels": 4, "data.max_len": 77, "train.batch_size": 256},
+               {"variant": "dit_tiny", "data.image_size": 16, "data.max_len": 16, "train.batch_size": 8}),
+    "dit_b2_unrolled": ("flow_shapes.py", {"variant": "dit_b2", "model.scan": False, "data.image_size": 32,
+                                           "data.channels": 4, "model.out_channels": 4, "data.max_len": 77,
+                                           "train.batch_size": 256},
+                        {"variant": "dit_tiny", "model.scan": False, "data.image_size": 16, "data.max_len": 16,
+                         "train.batch_size": 8}),
 }
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -228,9 +241,10 @@ def bench_train(config, *, steps: int = 20, warmup: int = 3, peak_tflops: float 
     return result
 
 
-def bench_sample(config, *, batch_size: int, sampler: str = "ddim", steps: int = 50, guidance: float = 3.0,
+def bench_sample(config, *, batch_size: int, sampler: str | None = None, steps: int = 50, guidance: float = 3.0,
                  iters: int = 2) -> dict:
-    """Images/s of the family's `generate` (one compiled program, `lax.scan` over steps)."""
+    """Images/s of the family's `generate` (one compiled program, `lax.scan` over steps).
+    `sampler` None: the config's `sample.sampler`."""
     family = zoo.FAMILIES[config.family]
     if "generate" not in family.abilities:
         raise ValueError(f"family {config.family!r} cannot generate")
@@ -240,10 +254,13 @@ def bench_sample(config, *, batch_size: int, sampler: str = "ddim", steps: int =
                                             config))()
     generate = family.abilities["generate"]
     settings = family.settings(config) if family.settings else None
-    # The sampler settings a family's `generate` takes (diffusion); a one-shot decoder takes none.
+    # The sampler settings a family's `generate` takes (diffusion, flow); a one-shot decoder
+    # takes none.
     accepted = inspect.signature(generate).parameters
-    kwargs = {k: v for k, v in (("guidance", guidance), ("sampler", sampler), ("steps", steps), ("eta", 0.0))
-              if k in accepted}
+    sample = config.get("sample", {})
+    sampler = sample.get("sampler") if sampler is None else sampler
+    kwargs = {k: v for k, v in (("guidance", guidance), ("sampler", sampler), ("steps", steps), ("eta", 0.0),
+                                ("shift", sample.get("shift", 1.0))) if k in accepted}
     fn = jax.jit(lambda p, tokens, rng: generate(model, p, settings, tokens, rng, **kwargs))
     tokens, rng = jnp.asarray(host["tokens"]), jax.random.key(1)
     t0 = time.perf_counter()
