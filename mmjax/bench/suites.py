@@ -44,14 +44,15 @@ PRESETS = {
                                 "train.batch_size": 128},
               {"variant": "tiny", "data.image_size": 16, "train.batch_size": 8}),
     # Diffusion transformers with flow matching on 32x32x4 latents (256x256 images), patch 2, 77
-    # tokens: DiT-S/2 and DiT-B/2 with scanned blocks, and DiT-B/2 unrolled (compile time).
-    "dit_s2": ("flow_shapes.py", {"variant": "dit_s2", "data.image_size": 32, "data.channels": 4,
+    # tokens: DiT-S/2 and DiT-B/2 with scanned blocks, and DiT-B/2 unrolled (compile time). The
+    # config file's pixel-space `:tiny` is the base (the full one needs a VAE to validate).
+    "dit_s2": ("flow_shapes.py:tiny", {"variant": "dit_s2", "data.image_size": 32, "data.channels": 4,
                                   "model.out_channels": 4, "data.max_len": 77, "train.batch_size": 256},
                {"variant": "dit_tiny", "data.image_size": 16, "data.max_len": 16, "train.batch_size": 8}),
-    "dit_b2": ("flow_shapes.py", {"variant": "dit_b2", "data.image_size": 32, "data.channels": 4,
+    "dit_b2": ("flow_shapes.py:tiny", {"variant": "dit_b2", "data.image_size": 32, "data.channels": 4,
                                   "model.out_channels": 4, "data.max_len": 77, "train.batch_size": 256},
                {"variant": "dit_tiny", "data.image_size": 16, "data.max_len": 16, "train.batch_size": 8}),
-    "dit_b2_unrolled": ("flow_shapes.py", {"variant": "dit_b2", "model.scan": False, "data.image_size": 32,
+    "dit_b2_unrolled": ("flow_shapes.py:tiny", {"variant": "dit_b2", "model.scan": False, "data.image_size": 32,
                                            "data.channels": 4, "model.out_channels": 4, "data.max_len": 77,
                                            "train.batch_size": 256},
                         {"variant": "dit_tiny", "model.scan": False, "data.image_size": 16, "data.max_len": 16,
@@ -72,7 +73,8 @@ def preset_config(name: str, *, tiny: bool = False, dtype: str = "bfloat16", bat
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
     file, full, small = PRESETS[name]
-    config = config_lib.load_config(os.path.join(CONFIG_DIR, file) + (":tiny" if tiny else ""))
+    # A file named with its variant (the latent configs' pixel-space `:tiny`) keeps it.
+    config = config_lib.load_config(os.path.join(CONFIG_DIR, file) + (":tiny" if tiny and ":" not in file else ""))
     for key, value in {**(small if tiny else full), "dtype": dtype}.items():
         config_lib.set_value(config, key, value)
     if batch_size:

@@ -283,6 +283,8 @@ class DiT(nn.Module):
 DiTTiny = functools.partial(DiT, patch_size=2, width=32, depth=2, num_heads=2, text=TextEncoderTiny)
 # On the 4x4x8 latents of the shapes VAE: one token per latent position.
 DiTShapes = functools.partial(DiT, patch_size=1, width=256, depth=6, num_heads=4, text=TextEncoder)
-# The paper's sizes, for 32x32x4 latents (256x256 images) in the benchmark.
-DiTS2 = functools.partial(DiT, patch_size=2, width=384, depth=12, num_heads=6, text=TextEncoder)
-DiTB2 = functools.partial(DiT, patch_size=2, width=768, depth=12, num_heads=12, text=TextEncoder)
+# The paper's sizes, for 32x32x4 latents (256x256 images) in the benchmark, with the text
+# encoder of the LDM64 UNet (77-token captions).
+_BENCH_TEXT = functools.partial(TextEncoder, width=512, depth=4, num_heads=8, max_len=77)
+DiTS2 = functools.partial(DiT, patch_size=2, width=384, depth=12, num_heads=6, text=_BENCH_TEXT)
+DiTB2 = functools.partial(DiT, patch_size=2, width=768, depth=12, num_heads=12, text=_BENCH_TEXT)
