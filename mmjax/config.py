@@ -181,6 +181,11 @@ def validate(config: ConfigDict) -> None:
             f"config key 'train.batch_size' ({config.train.batch_size}) must be divisible by "
             f"'train.grad_accum' ({config.train.grad_accum})"
         )
+    from mmjax.sharding import PARAM_SHARDINGS
+
+    if config.train.param_sharding not in PARAM_SHARDINGS:
+        raise ConfigError(f"config key 'train.param_sharding' must be one of {PARAM_SHARDINGS}, "
+                          f"got {config.train.param_sharding!r}")
     if not 0.0 <= config.train.ema_decay < 1.0:
         raise ConfigError(f"config key 'train.ema_decay' must be in [0, 1), got {config.train.ema_decay}")
     if config.optim.lr <= 0:
@@ -327,6 +332,10 @@ def base_config() -> ConfigDict:
     c.train.batch_size = 64
     c.train.num_steps = 1000
     c.train.grad_accum = 1
+    # "replicated": every device holds the whole state (data parallel); "fsdp": parameters,
+    # optimizer state and EMA are split over the devices (large arrays only). Either restores
+    # a checkpoint written under the other, or on another number of devices.
+    c.train.param_sharding = "replicated"
     c.train.ema_decay = 0.999
     c.train.log_every = 50
     c.train.sample_every = 500

@@ -150,7 +150,12 @@ def bench_train(config, *, steps: int = 20, warmup: int = 3, peak_tflops: float 
     replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     step_fn, init_fn = _make_step(config)
     abstract = jax.eval_shape(init_fn)
-    state_shardings = jax.tree.map(lambda _: replicated, abstract)
+    mode = config.train.get("param_sharding", "replicated")
+    state_shardings = sharding.state_shardings(abstract, mesh, mode)
+    # The state's bytes on the most loaded device under either mode, for this mesh.
+    state_bytes = {m: sharding.bytes_per_device(jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract,
+        sharding.state_shardings(abstract, mesh, m))) for m in sharding.PARAM_SHARDINGS}
     state = jax.jit(init_fn, out_shardings=state_shardings)()
     host_batch = synthetic_batch(config, batch_size)
     batch = jax.device_put(host_batch, batch_sharding)
@@ -219,7 +224,8 @@ def bench_train(config, *, steps: int = 20, warmup: int = 3, peak_tflops: float 
     result = {
         "family": config.family, "variant": config.variant, "dtype": config.dtype,
         "batch_size": batch_size, "image_size": config.data.image_size,
-        "params": count_params(state.params),
+        "params": count_params(state.params), "param_sharding": mode, "devices": mesh.devices.size,
+        "state_bytes_per_device": state_bytes,
         "lower_s": t1 - t0, "compile_s": t2 - t1, "cold_compiles": cold.compiles,
         "first_call_s": first_call, "first_call_compiles": first.compiles,
         "warm_compile_s": warm_compile, "warm_compiles": warm.compiles, "warm_cache_hits": warm.cache_hits,

@@ -233,8 +233,10 @@ def train(config, workdir: str, *, stop_at: int | None = None, extra_eval=None) 
     init_fn = functools.partial(create_state, family, model, config, optimizers, objectives)
     replicated = sharding.replicated(mesh)
     abstract = jax.eval_shape(init_fn)
-    state_shardings = jax.tree.map(lambda _: replicated, abstract)
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
+    # Replicated (data parallel) or fsdp; a checkpoint restores into either, on any mesh size.
+    state_shardings = sharding.state_shardings(abstract, mesh, config.train.param_sharding)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract,
+                          state_shardings)
     config_dict = json.loads(config.to_json())
 
     # Built before anything is written: a dataset with too many bad images stops the run here,
@@ -258,7 +260,7 @@ def train(config, workdir: str, *, stop_at: int | None = None, extra_eval=None) 
         else:
             state = jax.jit(init_fn, out_shardings=state_shardings)()
             if family.prepare is not None:
-                state = _prepare(family, state, config, replicated, tokenizer)
+                state = _prepare(family, state, config, state_shardings, tokenizer)
             start, start_batch = 0, 0
         if is_main:
             with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -409,15 +411,15 @@ def run_tokenizer(config, workdir: str):
     return tokenizer
 
 
-def _prepare(family, state: TrainState, config, replicated, tokenizer) -> TrainState:
+def _prepare(family, state: TrainState, config, shardings: TrainState, tokenizer) -> TrainState:
     """The family's fresh-start hook (e.g. loading a frozen VAE). Every process reads the same
     batches (process 0's view of an unshuffled epoch), so all compute identical parameters."""
     batches = pipeline.make_batches(
         pipeline.make_source(config.data, "train"), global_batch=config.train.batch_size,
         tokenizer=tokenizer, seed=config.data.seed, process_index=0, process_count=1,
         shuffle=False, num_epochs=1)
-    params = jax.device_put(family.prepare(jax.device_get(state.params), config, iter(batches)), replicated)
-    return state.replace(params=params, ema_params=jax.tree.map(lambda x: x.copy(), params))
+    params = jax.device_put(family.prepare(jax.device_get(state.params), config, iter(batches)), shardings.params)
+    return state.replace(params=params, ema_params=jax.device_put(params, shardings.ema_params))
 
 
 def _eval_batches(config, mesh, tokenizer) -> list[dict]:

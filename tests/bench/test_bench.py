@@ -46,6 +46,9 @@ def test_train_and_kernel_suites_write_a_complete_record(tmp_path):
     assert train["achieved_tflops"] == pytest.approx(train["model_flops"] / min(
         train["step_s_median"], train["step_s_pipelined"]) / 1e12)
     assert train["loss_finite"] and train["memory"]["argument_size_in_bytes"] > 0
+    state_bytes = train["state_bytes_per_device"]
+    assert train["param_sharding"] == "replicated" and train["devices"] == 8
+    assert set(state_bytes) == {"replicated", "fsdp"} and 0 < state_bytes["fsdp"] <= state_bytes["replicated"]
     kernels = {(k["kernel"], k["shape"], k.get("impl"), k["mode"]) for k in record["kernels"]}
     assert ("attention", "cross_tiny", "auto", "fwd+bwd") in kernels and ("conv3x3", "conv_tiny", None, "fwd") in kernels
     for row in record["kernels"]:
@@ -74,6 +77,9 @@ def test_presets_name_the_benchmark_shapes():
     assert (ddpm.variant, ddpm.data.image_size, ddpm.train.batch_size, ddpm.dtype) == ("ddpm32", 32, 128, "bfloat16")
     ldm = suites.preset_config("ldm64", batch_size=32)
     assert (ldm.variant, ldm.data.channels, ldm.data.max_len, ldm.train.batch_size) == ("ldm64", 4, 77, 32)
+    scanned, unrolled = suites.preset_config("dit_b2"), suites.preset_config("dit_b2_unrolled")
+    assert (scanned.family, scanned.variant, scanned.model.scan, unrolled.model.scan) == ("flow", "dit_b2", True, False)
+    assert (scanned.data.image_size, scanned.data.channels, scanned.data.max_len) == (32, 4, 77)
     with pytest.raises(ValueError, match="unknown preset"):
         suites.preset_config("nope")
 
