@@ -30,7 +30,7 @@ def pytest_sessionfinish(session):
 
 # Session fixtures that train a tiny model: a test that uses one (directly or through another
 # fixture) is end-to-end. The unit lane, `-m "not e2e"`, leaves them out.
-RUN_FIXTURES = frozenset({"vae_run", "cnn_run", "diffusion_run", "ldm_run", "clip_run", "gan_run"})
+RUN_FIXTURES = frozenset({"vae_run", "cnn_run", "diffusion_run", "flow_run", "ldm_run", "clip_run", "gan_run"})
 
 
 def _names_slow(markexpr: str) -> bool:

@@ -37,12 +37,12 @@ def test_leaf_spec_splits_the_largest_divisible_dimension():
         sharding.state_shardings({}, sharding.make_mesh(), "zero3")
 
 
-def _step_setup(config, mode):
+def _step_setup(config, mode, devices=None):
     family, model = zoo.FAMILIES[config.family], zoo.build_model(config)
     objectives = family.objectives(model, config)
     optimizers, schedules = make_optimizers(objectives, config)
     init_fn = functools.partial(create_state, family, model, config, optimizers, objectives)
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_mesh(devices)
     shardings = sharding.state_shardings(jax.eval_shape(init_fn), mesh, mode)
     state = jax.jit(init_fn, out_shardings=shardings)()
     step = jax.jit(make_train_step(objectives, optimizers, schedules, ema_decay=config.train.ema_decay),
@@ -118,3 +118,33 @@ def test_the_config_names_the_modes():
 
     with pytest.raises(ConfigError, match="train.param_sharding"):
         tiny_config("cnn_shapes", "train.param_sharding=zero")
+
+
+# Three compiles of every family's step: the families with the largest steps (8 minutes on the
+# 2-core CPU for all six) run in the slow lane, the others in every run.
+_SLOW_STEPS = ("diffusion", "gan", "vae")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_STEPS else n
+                                  for n in sorted(zoo.FAMILIES)])
+def test_one_device_and_eight_devices_give_the_same_losses(name):
+    """Every family's step on the same global batch: 1 device, 8 devices (batch split 2 each),
+    and 8 devices with fsdp, for two steps (the second loss sees the first update)."""
+    config = tiny_config(f"{name}_shapes", "optim.warmup_steps=0")
+    batch = {k: np.asarray(v) for k, v in one_batch(config, size=16).items()}
+    losses = {}
+    for label, mode, devices in (("one", "replicated", jax.devices()[:1]), ("eight", "replicated", None),
+                                 ("fsdp", "fsdp", None)):
+        state, step, mesh = _step_setup(config, mode, devices)
+        values = []
+        for _ in range(2):
+            state, metrics = step(state, sharding.to_device(batch, mesh))
+            values.append({k: float(v) for k, v in metrics.items() if k.endswith("loss")})
+        losses[label] = values
+    assert losses["one"][0], losses
+    for label in ("eight", "fsdp"):
+        for a, b in zip(losses["one"], losses[label]):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert b[key] == pytest.approx(a[key], rel=2e-4, abs=1e-5), (label, key, a[key], b[key])
