@@ -166,6 +166,10 @@ class DiffusionModel(Generator):
 
         -> `AttentionMaps(images, words, maps)` for one prompt (a string), a list of them for a
         list of prompts (computed in one batch)."""
+        return self._attention_maps(prompts, num, seed, guidance, negative_prompt,
+                                    self._sampling(sampler, steps, eta))
+
+    def _attention_maps(self, prompts, num, seed, guidance, negative_prompt, options: dict):
         from mmjax.sampling import attention_maps as amaps
 
         single = isinstance(prompts, str)
@@ -177,7 +181,7 @@ class DiffusionModel(Generator):
                 raise ValueError(f"the prompt {prompt!r} has no words to map")
         tokens = jnp.repeat(self._tokens(prompts), num, axis=0)
         images, maps = self._call("attention_maps", tokens, jax.random.key(_seed(seed)), self._guidance(guidance),
-                                  self._negative(negative_prompt, len(tokens)), **self._sampling(sampler, steps, eta))
+                                  self._negative(negative_prompt, len(tokens)), **options)
         images, maps = self._out(images), np.asarray(maps)
         results = []
         for i, words in enumerate(spans):
@@ -208,6 +212,28 @@ class FlowModel(DiffusionModel):
             raise ValueError(f"shift must be > 0, got {shift}")
         return {"sampler": sampler, "steps": _positive_int(sample.steps if steps is None else steps, "steps"),
                 "shift": shift}
+
+    def generate(self, prompts, num: int = 1, seed: int = 0, *, guidance: float | None = None,
+                 negative_prompt=None, sampler: str | None = None, steps: int | None = None,
+                 shift: float | None = None) -> np.ndarray:
+        """`num` images for each prompt, prompt-major: `[len(prompts) * num, H, W, 3]` uint8.
+
+        `guidance`: classifier-free scale (1 = conditional only); `negative_prompt`: the caption
+        guidance steers away from (default the empty one); `sampler` ('euler', 'heun'), `steps`,
+        `shift`: as in the config's `sample` section by default."""
+        num = _positive_int(num, "num")
+        tokens = jnp.repeat(self._tokens(prompts), num, axis=0)
+        out = self._call("generate", tokens, jax.random.key(_seed(seed)), self._guidance(guidance),
+                         self._negative(negative_prompt, len(tokens)), **self._sampling(sampler, steps, shift=shift))
+        return self._out(out)
+
+    def attention_maps(self, prompts, num: int = 1, seed: int = 0, *, guidance: float | None = None,
+                       negative_prompt=None, sampler: str | None = None, steps: int | None = None,
+                       shift: float | None = None):
+        """As the diffusion model's: images as `generate` makes them and one heat map per word,
+        from the attention of image tokens to caption tokens at several points of the path."""
+        return self._attention_maps(prompts, num, seed, guidance, negative_prompt,
+                                    self._sampling(sampler, steps, shift=shift))
 
     def inpaint(self, images, masks, prompts, seed: int = 0, *, guidance: float | None = None,
                 negative_prompt=None, sampler: str | None = None, steps: int | None = None) -> np.ndarray:

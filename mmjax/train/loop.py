@@ -419,7 +419,9 @@ def _prepare(family, state: TrainState, config, shardings: TrainState, tokenizer
         tokenizer=tokenizer, seed=config.data.seed, process_index=0, process_count=1,
         shuffle=False, num_epochs=1)
     params = jax.device_put(family.prepare(jax.device_get(state.params), config, iter(batches)), shardings.params)
-    return state.replace(params=params, ema_params=jax.device_put(params, shardings.ema_params))
+    # A copy, not the same buffers: the step donates the state, and a buffer donated twice is freed
+    # under the other reference.
+    return state.replace(params=params, ema_params=jax.tree.map(lambda x: x.copy(), params))
 
 
 def _eval_batches(config, mesh, tokenizer) -> list[dict]:

@@ -99,8 +99,11 @@ def test_handle_samples_edits_and_maps(flow_run, tmp_path):
     assert maps.words == ["a", "red", "circle", "at", "the", "top"] and maps.maps.shape == (2, 6, 16, 16)
     np.testing.assert_allclose(maps.maps.sum(axis=(2, 3)), 1.0, rtol=1e-4)
     np.testing.assert_array_equal(maps.images, model.generate(["a red circle at the top"], num=2))
+    assert not np.array_equal(images, model.generate(prompts, num=2, seed=3, shift=3.0))
     with pytest.raises(TypeError, match="eta"):
         model.generate(prompts, eta=0.5)
+    with pytest.raises(ValueError, match="shift must be > 0"):
+        model.generate(prompts, shift=0.0)
     with pytest.raises(ValueError, match="sampler must be one of"):
         model.generate(prompts, sampler="ddim")
     # An export samples the same images.
