@@ -25,7 +25,7 @@ MODES = ("generate", "img2img", "inpaint", "edit", "interpolate", "reconstruct",
 # Options passed to the mode's method as keywords: flag destination -> keyword.
 OPTIONS = {"num": "num", "seed": "seed", "strength": "strength", "guidance": "guidance",
            "negative_prompt": "negative_prompt", "sampler": "sampler", "steps": "steps", "eta": "eta",
-           "temperature": "temperature", "truncation": "truncation", "clip": "clip"}
+           "shift": "shift", "temperature": "temperature", "truncation": "truncation", "clip": "clip"}
 
 
 def _parser():
@@ -49,6 +49,7 @@ def _parser():
     options.add_argument("--sampler", help="diffusion: ddim, ddpm, dpmpp_2m or euler; flow: euler or heun")
     options.add_argument("--steps", type=int, help="denoising steps (diffusion), inversion steps (GAN)")
     options.add_argument("--eta", type=float, help="diffusion: DDIM noise (0 = deterministic)")
+    options.add_argument("--shift", type=float, help="flow: time-grid shift toward high noise (> 0; 1 = even)")
     options.add_argument("--temperature", type=float, help="VAE: the prior's spread")
     options.add_argument("--truncation", type=float, help="GAN: truncate z to [-t, t] (0 = off)")
     options.add_argument("--clip", metavar="WORKDIR", help="VAE, GAN edit: edit by CLIP guidance with this model")

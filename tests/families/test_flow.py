@@ -138,3 +138,17 @@ def test_latent_flow_on_the_tiny_vae(vae_run, tmp_path):
     out = model.generate(["a large red circle"], num=2, seed=0, steps=3)
     assert out.shape == (2, 16, 16, 3)
     assert os.path.exists(os.path.join(tmp_path, "latent", "tokenizer.json"))
+
+
+def test_sample_py_flow_options(flow_run, tmp_path, capsys):
+    from tests.families.test_diffusion import _sample_main
+
+    common = ["--workdir", flow_run[0], "--prompt", "a red circle", "--steps", "3"]
+    out = tmp_path / "gen.png"
+    assert _sample_main(*common, "--sampler", "heun", "--shift", "2", "--num", "2", "--out", str(out)) == 0
+    assert out.exists()
+    capsys.readouterr()
+    assert _sample_main(*common, "--eta", "0.3", "--out", str(tmp_path / "x.png")) == 2
+    assert "--eta does not apply to --mode generate of a flow model" in capsys.readouterr().err
+    assert _sample_main(*common, "--sampler", "ddim", "--out", str(tmp_path / "y.png")) == 2
+    assert "sampler must be one of ('euler', 'heun')" in capsys.readouterr().err
