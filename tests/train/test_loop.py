@@ -202,7 +202,7 @@ def test_a_word_run_saves_exports_and_checks_its_vocabulary(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json is missing"):
         api.load(out)
     with pytest.raises(ResumeMismatchError, match="text.positions"):
-        train(tiny_config("vae_shapes", *WORD_PATH[:2], "train.num_steps=2"), workdir)
+        train(tiny_config("vae_shapes", *WORD_PATH[:2], "text.positions=learned", "train.num_steps=2"), workdir)
     other = tokenizers.WordTokenizer.build(["a red square", "a red square"], config.data.max_len, 64)
     other.save(str(tmp_path))
     with pytest.raises(ResumeMismatchError, match="tokenizer.json is not the vocabulary"):
