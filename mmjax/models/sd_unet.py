@@ -11,8 +11,8 @@ Its fields are diffusers' config keys, so a checkpoint's `unet/config.json` buil
   except in the last block;
 - a middle of residual block, spatial transformer, residual block;
 - up blocks of `layers_per_block + 1` residual blocks, each reading the matching down-path state
-  concatenated to its input, with transformers in `CrossAttnUpBlock2D`, and nearest 2× upsampling
-  and a conv except in the last;
+  concatenated to its input, with transformers in `CrossAttnUpBlock2D`, and nearest upsampling (2×,
+  or to the skip's size when the latents are not a multiple of 2^levels) and a conv except in the last;
 - GroupNorm, SiLU and a 3×3 conv out.
 
 `attention_head_dim` is, as in diffusers' SD configs, the number of heads (an int or one per
@@ -27,6 +27,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax.models.layers import Attention, Dtype, GroupNorm32, LayerNorm32
 
@@ -112,6 +113,14 @@ class SpatialTransformer(nn.Module):
         return x + h
 
 
+def _nearest(x, size) -> jax.Array:
+    """Nearest-neighbour resize of `[B, H, W, C]` to `size`, picking source row floor(i * H / h)
+    as PyTorch's `interpolate(mode="nearest")` does (an exact repeat when doubling)."""
+    rows = (np.arange(size[0]) * x.shape[1]) // size[0]
+    cols = (np.arange(size[1]) * x.shape[2]) // size[1]
+    return x[:, rows][:, :, cols]
+
+
 def _per_block(value, count: int, name: str) -> tuple:
     values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * count
     if len(values) != count:
@@ -187,8 +196,9 @@ class SDUNet(nn.Module):
                 if kind == "CrossAttnUpBlock2D":
                     h = transformer(up_heads[i], up_depths[i], f"up{i}_attn{j}")(h, context)
             if i < levels - 1:
-                b, height, w, c = h.shape
-                h = jax.image.resize(h, (b, 2 * height, 2 * w, c), "nearest")
+                # To the size of the skip that comes next: twice this one, or one less where a
+                # downsampling conv rounded an odd size up (latents not a multiple of 2^levels).
+                h = _nearest(h, skips[-1].shape[1:3])
                 h = nn.Conv(channels, (3, 3), name=f"up{i}_sample", **kw)(h)
 
         h = nn.silu(GroupNorm32(groups, eps, name="norm_out", **kw)(h))

@@ -123,6 +123,36 @@ _SAMPLER_STEPS = {
 }
 
 
+def run_path(denoise_at, x: jax.Array, rng: jax.Array, t_model, abar_t, abar_s, *, sampler: str = "ddim",
+             eta: float = 0.0, after=None) -> tuple[jax.Array, jax.Array]:
+    """Steps `x` along an explicit path: step i calls `denoise_at(x, t_model[i], abar_t[i])` (the
+    model's timestep, which may be fractional, and the noise level there) and moves from level
+    `abar_t[i]` to `abar_s[i]`. Returns `(x after the last step, the last x0 prediction)`: equal
+    when the path ends at the clean level 1. `after(x, abar_s) -> x`, when given, edits the
+    state after every step (inpainting puts the known region back). For checkpoints whose
+    schedulers walk their own timesteps (`interop.scheduler`); `sample` is this on the
+    schedule's evenly spaced path."""
+    if sampler not in _SAMPLER_STEPS:
+        raise ValueError(f"unknown sampler {sampler!r}; known: {SAMPLERS}")
+    init_state, step = _SAMPLER_STEPS[sampler]
+    x = x.astype(jnp.float32)
+
+    def body(carry, inputs):
+        x, _, state = carry
+        t, a_t, a_s, key = inputs
+        x0, eps = denoise_at(x, t, a_t)
+        x0, eps = x0.astype(jnp.float32), eps.astype(jnp.float32)
+        x, state = step(x, x0, eps, a_t, a_s, key, state, eta)
+        if after is not None:
+            x = after(x, a_s)
+        return (x, x0, state), None
+
+    abar_t, abar_s = jnp.asarray(abar_t, jnp.float32), jnp.asarray(abar_s, jnp.float32)
+    inputs = (jnp.asarray(t_model), abar_t, abar_s, jax.random.split(rng, abar_t.shape[0]))
+    (x, x0, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x), init_state(x)), inputs)
+    return x, x0
+
+
 def sample(
     denoise: Denoiser,
     schedule: Schedule,
@@ -140,21 +170,29 @@ def sample(
     """
     if sampler not in _SAMPLER_STEPS:
         raise ValueError(f"unknown sampler {sampler!r}; known: {SAMPLERS}")
-    init_state, step = _SAMPLER_STEPS[sampler]
     ts = timesteps(schedule, steps, t_start)
     abar_t, abar_s = _abar_path(schedule, ts)
-    x = x.astype(jnp.float32)
+    return run_path(lambda x, t, _: _call(denoise, x, t), x, rng, ts, abar_t, abar_s, sampler=sampler, eta=eta)[1]
 
-    def body(carry, inputs):
-        x, _, state = carry
-        t, a_t, a_s, key = inputs
-        x0, eps = _call(denoise, x, t)
-        x, state = step(x, x0, eps, a_t, a_s, key, state, eta)
-        return (x, x0, state), None
 
-    inputs = (jnp.asarray(ts), abar_t, abar_s, jax.random.split(rng, steps))
-    (_, x0, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x), init_state(x)), inputs)
-    return x0
+def invert_path(denoise_at, x0: jax.Array, t_model, abar) -> jax.Array:
+    """Deterministic DDIM upwards from clean `x0` through the levels `abar` (rising noise) at
+    the model timesteps `t_model`. Each step takes eps from the point it leaves; the clean start
+    has no timestep, so the first one stands in for it."""
+    abar_to = jnp.asarray(abar, jnp.float32)
+    abar_from = jnp.concatenate([jnp.ones((1,), jnp.float32), abar_to[:-1]])
+    t_model = jnp.asarray(t_model)
+    t_eval = jnp.concatenate([t_model[:1], t_model[:-1]])
+
+    def body(x, inputs):
+        t, a_from, a_to = inputs
+        _, eps = denoise_at(x, t, a_from)
+        eps = eps.astype(jnp.float32)
+        x0_hat = (x - jnp.sqrt(1.0 - a_from) * eps) / jnp.sqrt(a_from)
+        return jnp.sqrt(a_to) * x0_hat + jnp.sqrt(1.0 - a_to) * eps, None
+
+    x, _ = jax.lax.scan(body, x0.astype(jnp.float32), (jnp.asarray(t_eval), abar_from, abar_to))
+    return x
 
 
 def ddim_invert(
@@ -173,19 +211,8 @@ def ddim_invert(
     is first order: the round trip's error shrinks as 1 / steps.
     """
     ts = timesteps(schedule, steps, t_end)[::-1]
-    abar = schedule.alphas_cumprod.astype(jnp.float32)
-    abar_to = abar[ts]
-    abar_from = jnp.concatenate([jnp.ones((1,), jnp.float32), abar_to[:-1]])
-    t_eval = np.concatenate([ts[:1], ts[:-1]])
-
-    def body(x, inputs):
-        t, a_from, a_to = inputs
-        _, eps = _call(denoise, x, t)
-        x0_hat = (x - jnp.sqrt(1.0 - a_from) * eps) / jnp.sqrt(a_from)
-        return jnp.sqrt(a_to) * x0_hat + jnp.sqrt(1.0 - a_to) * eps, None
-
-    x, _ = jax.lax.scan(body, x0.astype(jnp.float32), (jnp.asarray(t_eval), abar_from, abar_to))
-    return x
+    abar = schedule.alphas_cumprod.astype(jnp.float32)[ts]
+    return invert_path(lambda x, t, _: _call(denoise, x, t), x0, ts, abar)
 
 
 def img2img(

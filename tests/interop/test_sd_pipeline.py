@@ -1,0 +1,129 @@
+"""Stable Diffusion folders through `mmjax.load`, against diffusers' own pipeline runs (fixtures)."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import mmjax
+from mmjax.interop import scheduler
+
+FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "sd_pipeline")
+RECORD = json.load(open(os.path.join(FIXTURE, "made_by.json")))
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def case(request):
+    name = request.param
+    return name, mmjax.load(os.path.join(FIXTURE, name), dtype="float32"), np.load(
+        os.path.join(FIXTURE, f"{name}_expected.npz"))
+
+
+def test_timesteps_are_the_schedulers_own():
+    for name in ("sd1", "sd2"):
+        spec = scheduler.read(os.path.join(FIXTURE, name, "scheduler"))
+        for sampler in ("ddim", "euler"):
+            np.testing.assert_array_equal(spec.path(sampler, 10)[0], RECORD["variants"][name][f"{sampler}_timesteps"])
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+def test_guided_sampling_matches_diffusers(case, sampler):
+    name, model, expected = case
+    latents = expected["latents"]
+    out = model.sample_latents(RECORD["prompts"], guidance=RECORD["guidance"], negative_prompt=RECORD["negative"],
+                               sampler=sampler, steps=RECORD["steps"], height=RECORD["height"],
+                               width=RECORD["width"], latents=latents)
+    reference = expected[f"{sampler}_trajectory"][:, -1]
+    assert out.shape == reference.shape
+    np.testing.assert_allclose(out, reference, atol=1e-3)
+    images = model.decode(out).astype(np.float32)
+    np.testing.assert_allclose(images, expected[f"{sampler}_images"] * 255, atol=1.01)
+
+
+def test_tokens_match_the_pipelines(case):
+    name, model, expected = case
+    np.testing.assert_array_equal(model.tokenizer.encode(RECORD["prompts"] + RECORD["negative"]), expected["tokens"])
+
+
+def test_stored_dtype_is_kept_unless_asked():
+    model = mmjax.load(os.path.join(FIXTURE, "sd2"))  # its UNet is stored in float16
+    leaf = model.params["unet"]["conv_in"]["kernel"]
+    assert leaf.dtype == np.float16 and model.params["vae"]["quant_conv"]["kernel"].dtype == np.float32
+
+
+def test_editing_api_on_any_multiple_of_8():
+    model = mmjax.load(os.path.join(FIXTURE, "sd1"), dtype="float32")
+    images = model.generate("a red square", num=2, steps=3, height=40, width=24, sampler="dpmpp_2m")
+    assert images.shape == (2, 40, 24, 3) and images.dtype == np.uint8
+    assert np.array_equal(images, model.generate("a red square", num=2, steps=3, height=40, width=24,
+                                                 sampler="dpmpp_2m"))
+    changed = model.img2img(images, "a blue circle", strength=0.5, steps=4)
+    assert changed.shape == images.shape
+    mask = np.zeros((40, 24), bool)
+    mask[8:24, 8:16] = True
+    filled = model.inpaint(images, mask, "a green triangle", steps=3, sampler="euler")
+    assert np.array_equal(filled[:, ~mask], images[:, ~mask]) and not np.array_equal(filled, images)
+    edited = model.edit(images, "a red square", "a red circle", strength=0.6, steps=4)
+    assert edited.shape == images.shape
+    with pytest.raises(ValueError, match="multiples of 8"):
+        model.generate("x", height=36)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        model.generate("x", sampler="plms")
+
+
+def _copy(tmp_path, name="sd1"):
+    folder = str(tmp_path / name)
+    shutil.copytree(os.path.join(FIXTURE, name), folder)
+    return folder
+
+
+def test_bad_folders_are_refused_by_name(tmp_path):
+    folder = _copy(tmp_path)
+    shutil.rmtree(os.path.join(folder, "vae"))
+    with pytest.raises(FileNotFoundError, match="vae/ folder"):
+        mmjax.load(folder)
+    folder = _copy(tmp_path / "b")
+    path = os.path.join(folder, "unet", "config.json")
+    config = json.load(open(path))
+    json.dump({**config, "down_block_types": ["CrossAttnDownBlock2D", "SimpleDownBlock2D"]}, open(path, "w"))
+    with pytest.raises(ValueError, match="config.json.*'SimpleDownBlock2D' is not supported"):
+        mmjax.load(folder)
+    json.dump({**config, "cross_attention_dim": 48}, open(path, "w"))
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model.safetensors: tensor 'down_blocks.0.attentions.0"
+                                         r".transformer_blocks.0.attn2.to_k.weight' has the wrong shape"):
+        mmjax.load(folder)
+    folder = _copy(tmp_path / "c")
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    json.dump({**json.load(open(path)), "use_magic": True}, open(path, "w"))
+    with pytest.raises(ValueError, match="scheduler_config.json: unknown scheduler field 'use_magic'"):
+        mmjax.load(folder)
+    folder = _copy(tmp_path / "d")
+    weights = os.path.join(folder, "text_encoder", "model.safetensors")
+    data = open(weights, "rb").read()
+    open(weights, "wb").write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors.*truncated|damaged"):
+        mmjax.load(folder)
+
+
+def test_scheduler_configs_as_shipped_and_refused():
+    sd15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+            "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+            "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+            "clip_sample": False}
+    spec = scheduler.from_config(sd15)
+    assert spec.prediction == "eps" and spec.spacing == "leading" and spec.clip_sample is None
+    t, level, nxt = spec.path("ddim", 50)
+    assert t[0] == 981 and t[-1] == 1 and nxt[-1] == spec.alphas_cumprod[0]
+    assert level[0] == pytest.approx(spec.alphas_cumprod[981])
+    assert scheduler.from_config({"_class_name": "EulerDiscreteScheduler"}).spacing == "linspace"
+    assert scheduler.from_config({"_class_name": "DDIMScheduler"}).clip_sample == 1.0
+    _, level, _ = spec.path("euler", 10, strength=0.3)
+    assert len(level) == 3
+    with pytest.raises(ValueError, match="thresholding=True is not supported"):
+        scheduler.from_config({**sd15, "thresholding": True})
+    with pytest.raises(ValueError, match="prediction_type 'flow'"):
+        scheduler.from_config({**sd15, "prediction_type": "flow"})
+    with pytest.raises(ValueError, match="beta_schedule 'sigmoid'"):
+        scheduler.from_config({**sd15, "beta_schedule": "sigmoid"})
