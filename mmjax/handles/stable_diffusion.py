@@ -9,6 +9,8 @@ one per image, `seed`, `guidance`, `negative_prompt`, `sampler`, `steps`), plus 
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -108,6 +110,21 @@ class StableDiffusion(Model):
 
     def _path(self, sampler, steps, strength=1.0):
         return tuple(jnp.asarray(a) for a in self.scheduler.path(sampler, steps, strength))
+
+    def export_diffusers(self, out_dir: str) -> str:
+        """Writes these parameters as a diffusers folder at `out_dir` (new): the same tensor
+        names, shapes and dtypes as the folder they came from, so unchanged weights come back
+        byte for byte and fine-tuned ones load in diffusers."""
+        from mmjax.interop import diffusers_export
+
+        components = {}
+        for name in ("unet", "vae", "text_encoder"):
+            part = getattr(self.pipeline, name)
+            layout, metadata = diffusers_export.layout_of(part.files["weights"])
+            tensors = diffusers_export.tensors_from_params(part.convert, self.params[name], layout,
+                                                           f"{self.path}/{name}")
+            components[name] = (os.path.basename(part.files["weights"]), tensors, metadata)
+        return diffusers_export.write_folder(out_dir, self.path, components)
 
     # -- what it can do ------------------------------------------------------------------------------
 

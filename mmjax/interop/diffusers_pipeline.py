@@ -42,6 +42,7 @@ class Component:
     params: dict
     config: dict
     files: dict  # "config" and "weights": the paths read
+    convert: object = None  # tensors -> params, as imported (the export inverts it)
 
 
 @dataclasses.dataclass
@@ -140,7 +141,8 @@ def _component(folder: str, name: str, dtype, kwargs_of, module_class, convert, 
         raise ValueError(f"{weights}: {e}") from None
     abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_args(module))["params"])
     check_shapes(params, abstract, lambda: _sources(lambda t: convert(t, kwargs), tensors), weights)
-    return Component(module, params, config, {"config": config_path, "weights": weights})
+    return Component(module, params, config, {"config": config_path, "weights": weights},
+                     lambda t: convert(t, kwargs))
 
 
 def _unet_example(module):

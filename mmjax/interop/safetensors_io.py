@@ -67,3 +67,31 @@ def read(path: str, dtype=None) -> dict[str, np.ndarray]:
             array = array.astype(dtype)
         out[name] = array
     return out
+
+
+def write(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Writes `tensors` (numpy, any dtype in DTYPES) as a `.safetensors` file: names sorted,
+    data 8-byte aligned as the format's own writer lays it out. Written beside `path` and
+    renamed into place, so a reader never sees half a file."""
+    names = {np.dtype(v): k for k, v in DTYPES.items()}
+    header, offset, chunks = {}, 0, []
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        if array.dtype not in names:
+            raise ValueError(f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot hold")
+        data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": names[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    if metadata:
+        header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}, **header}
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for data in chunks:
+            f.write(data)
+    os.replace(tmp, path)

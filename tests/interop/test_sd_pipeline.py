@@ -127,3 +127,21 @@ def test_scheduler_configs_as_shipped_and_refused():
         scheduler.from_config({**sd15, "prediction_type": "flow"})
     with pytest.raises(ValueError, match="beta_schedule 'sigmoid'"):
         scheduler.from_config({**sd15, "beta_schedule": "sigmoid"})
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2"])
+def test_export_gives_back_the_same_bytes(tmp_path, name):
+    model = mmjax.load(os.path.join(FIXTURE, name))
+    out = model.export_diffusers(str(tmp_path / "out"))
+    for part in ("unet", "vae", "text_encoder"):
+        stem = "model" if part == "text_encoder" else "diffusion_pytorch_model"
+        source = open(os.path.join(FIXTURE, name, part, f"{stem}.safetensors"), "rb").read()
+        assert open(os.path.join(out, part, f"{stem}.safetensors"), "rb").read() == source, part
+    assert mmjax.load(out).methods == model.methods
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        model.export_diffusers(out)
+    changed = model.params["unet"]["up1_attn0"]["block0"]["attn1"]["query"]
+    model.params["unet"]["up1_attn0"]["block0"]["attn1"]["query"] = {**changed, "bias": changed["bias"] + 1}
+    with pytest.raises(ValueError, match="nonzero values the diffusers format has no tensor for"):
+        model.export_diffusers(str(tmp_path / "again"))
+    assert not os.path.exists(tmp_path / "again")
