@@ -10,6 +10,8 @@
     python sample.py --mode reconstruct --image in.png [--prompt P]               # VAE, GAN
     python sample.py --mode invert      --image in.png [--prompt P] [--steps 300] # GAN
     python sample.py --prompt P --attention-maps                                 # diffusion
+    python sample.py --workdir path/to/sd-folder --prompt P --height 512 --width 768 --steps 30
+                                                  # a diffusers Stable Diffusion 1.x/2.x folder
 
 Every option goes to the model's method of that mode; one that the method does not take (for
 this family) is an error that names it, never silently ignored. `model.methods` in Python, or
@@ -25,12 +27,14 @@ MODES = ("generate", "img2img", "inpaint", "edit", "interpolate", "reconstruct",
 # Options passed to the mode's method as keywords: flag destination -> keyword.
 OPTIONS = {"num": "num", "seed": "seed", "strength": "strength", "guidance": "guidance",
            "negative_prompt": "negative_prompt", "sampler": "sampler", "steps": "steps", "eta": "eta",
-           "shift": "shift", "temperature": "temperature", "truncation": "truncation", "clip": "clip"}
+           "shift": "shift", "temperature": "temperature", "truncation": "truncation", "clip": "clip",
+           "height": "height", "width": "width"}
 
 
 def _parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", help=f"a train.py workdir or an export (default: the shipped {PRETRAINED})")
+    parser.add_argument("--workdir", help="a train.py workdir, an export, or a diffusers Stable Diffusion folder "
+                                          f"(default: the shipped {PRETRAINED})")
     parser.add_argument("--step", type=int, help="checkpoint step (default: latest good one)")
     parser.add_argument("--mode", choices=MODES, default="generate")
     parser.add_argument("--prompt", action="append", help="a caption; repeat for several")
@@ -50,6 +54,8 @@ def _parser():
     options.add_argument("--steps", type=int, help="denoising steps (diffusion), inversion steps (GAN)")
     options.add_argument("--eta", type=float, help="diffusion: DDIM noise (0 = deterministic)")
     options.add_argument("--shift", type=float, help="flow: time-grid shift toward high noise (> 0; 1 = even)")
+    options.add_argument("--height", type=int, help="Stable Diffusion: image height, a multiple of 8")
+    options.add_argument("--width", type=int, help="Stable Diffusion: image width, a multiple of 8")
     options.add_argument("--temperature", type=float, help="VAE: the prior's spread")
     options.add_argument("--truncation", type=float, help="GAN: truncate z to [-t, t] (0 = off)")
     options.add_argument("--clip", metavar="WORKDIR", help="VAE, GAN edit: edit by CLIP guidance with this model")
@@ -134,6 +140,9 @@ def run(args) -> int:
         if mode not in ("interpolate",) and mode not in model.methods:
             raise ValueError(f"a {family} model cannot {mode}; it can: {model.methods}")
         size = model.image_size
+        if mode != "generate" and family == "stable_diffusion":
+            height, width = options.pop("height", None), options.pop("width", None)
+            size = height or width or size  # input images are read square, at this size
         images = [load_image(path, size) for path in args.image or []]
         captions = None
         if mode == "generate":

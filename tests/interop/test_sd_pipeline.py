@@ -145,3 +145,16 @@ def test_export_gives_back_the_same_bytes(tmp_path, name):
     with pytest.raises(ValueError, match="nonzero values the diffusers format has no tensor for"):
         model.export_diffusers(str(tmp_path / "again"))
     assert not os.path.exists(tmp_path / "again")
+
+
+def test_sample_py_on_a_diffusers_folder(tmp_path, capsys):
+    import sample
+    from PIL import Image
+
+    out = str(tmp_path / "grid.png")
+    assert sample.main(["--workdir", os.path.join(FIXTURE, "sd1"), "--prompt", "a red square", "--num", "2",
+                        "--steps", "2", "--height", "40", "--width", "24", "--out", out]) == 0
+    assert Image.open(out).size[0] >= 2 * 24
+    assert sample.main(["--workdir", os.path.join(FIXTURE, "sd1"), "--prompt", "x", "--height", "36",
+                        "--steps", "2", "--out", out]) == 2
+    assert "multiples of 8" in capsys.readouterr().err
