@@ -46,21 +46,27 @@ def _match(stored, abstract, path: str, where: str):
     return jax.tree.map(lambda s, a: np.asarray(s).astype(a.dtype), stored, abstract)
 
 
-def load(path: str, step: int | None = None, *, dtype=None, compute_dtype=None) -> Model:
+def load(path: str, step: int | None = None, *, dtype=None, compute_dtype=None, tokenizer: str | None = None,
+         configs: dict | None = None) -> Model:
     """The model in `path` (a train.py workdir, read-only, or an export such as
     `pretrained/ldm_shapes`), as the handle of its family. `step` picks a workdir's
     checkpoint (default: the newest good one).
 
     `path` may also be a diffusers-format Stable Diffusion 1.x/2.x folder (`model_index.json`,
     `unet/`, `vae/`, ...): its weights keep their stored dtype unless `dtype` (e.g. 'float32')
-    asks for another, and run in float32 unless `compute_dtype` (e.g. 'bfloat16') says."""
-    from mmjax.interop import diffusers_pipeline
+    asks for another, and run in float32 unless `compute_dtype` (e.g. 'bfloat16') says. Or a
+    single original-format SD `.safetensors` file, with `tokenizer` (a folder holding the
+    tokenizer it lacks) and, for what its shapes cannot tell, `configs` (e.g.
+    `{"scheduler": {"prediction_type": "v_prediction"}}`)."""
+    from mmjax.interop import diffusers_pipeline, single_file
 
-    if diffusers_pipeline.is_pipeline(path):
+    weights_dtype = None if dtype is None else np.dtype(dtype)
+    if diffusers_pipeline.is_pipeline(path) or single_file.is_single_file(path):
         from mmjax.handles.stable_diffusion import StableDiffusion
 
-        weights_dtype = None if dtype is None else np.dtype(dtype)
-        return StableDiffusion(diffusers_pipeline.read(path, weights_dtype), compute_dtype)
+        if diffusers_pipeline.is_pipeline(path):
+            return StableDiffusion(diffusers_pipeline.read(path, weights_dtype), compute_dtype)
+        return StableDiffusion(single_file.read(path, tokenizer, weights_dtype, configs), compute_dtype)
     stored = model_files.read(path, step)
     config = ml_collections.ConfigDict(stored.config)
     family = zoo.FAMILIES.get(config.get("family"))

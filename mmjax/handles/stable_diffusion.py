@@ -117,6 +117,9 @@ class StableDiffusion(Model):
         byte for byte and fine-tuned ones load in diffusers."""
         from mmjax.interop import diffusers_export
 
+        if "_single_file" in self.pipeline.index:
+            raise NotImplementedError(f"{self.path}: exporting a single-file load is not built yet; load the "
+                                      "diffusers folder of the same model to export")
         components = {}
         for name in ("unet", "vae", "text_encoder"):
             part = getattr(self.pipeline, name)

@@ -121,28 +121,33 @@ def _sources(convert, tensors: dict) -> dict:
     return out
 
 
-def _component(folder: str, name: str, dtype, kwargs_of, module_class, convert, example_args) -> Component:
-    """`kwargs_of(config) -> module kwargs`, `convert(tensors, kwargs) -> params`."""
+def build_component(name: str, config: dict, tensors: dict, config_where: str, weights_where: str) -> Component:
+    """The module `config` describes for component `name` ('unet', 'vae', 'text_encoder'),
+    with `tensors` (diffusers names) as its parameters, checked against its declared shapes."""
+    kwargs_of, module_class, convert, example_args = KINDS[name]
+    try:
+        kwargs = kwargs_of(config)
+        module = module_class(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{config_where}: {e}") from None
+    try:
+        params = convert(tensors, kwargs)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{weights_where}: {e}") from None
+    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_args(module))["params"])
+    check_shapes(params, abstract, lambda: _sources(lambda t: convert(t, kwargs), tensors), weights_where)
+    return Component(module, params, config, {"config": config_where, "weights": weights_where},
+                     lambda t: convert(t, kwargs))
+
+
+def _component(folder: str, name: str, dtype) -> Component:
     where = os.path.join(folder, name)
     if not os.path.isdir(where):
         raise FileNotFoundError(f"{folder}: the {name}/ folder is missing")
     config_path = os.path.join(where, "config.json")
     config = _read_json(config_path)
-    try:
-        kwargs = kwargs_of(config)
-        module = module_class(**kwargs)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{config_path}: {e}") from None
     weights = weights_file(where, WEIGHT_NAMES[name])
-    tensors = safetensors_io.read(weights, dtype)
-    try:
-        params = convert(tensors, kwargs)
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{weights}: {e}") from None
-    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_args(module))["params"])
-    check_shapes(params, abstract, lambda: _sources(lambda t: convert(t, kwargs), tensors), weights)
-    return Component(module, params, config, {"config": config_path, "weights": weights},
-                     lambda t: convert(t, kwargs))
+    return build_component(name, config, safetensors_io.read(weights, dtype), config_path, weights)
 
 
 def _unet_example(module):
@@ -171,15 +176,17 @@ def read(folder: str, dtype=None, text_output: str = "last") -> Pipeline:
             raise ValueError(f"{index_path}: the pipeline has no {name}")
         if not os.path.isdir(os.path.join(folder, name)):
             raise FileNotFoundError(f"{folder}: the {name}/ folder that model_index.json lists is missing")
-    unet = _component(folder, "unet", dtype, sd_unet.module_kwargs, SDUNet, sd_unet.params_from_tensors,
-                      _unet_example)
-    vae = _component(folder, "vae", dtype, autoencoder_kl.module_kwargs, AutoencoderKL,
-                     autoencoder_kl.params_from_tensors, _vae_example)
-    text = _component(folder, "text_encoder", dtype, lambda c: clip_text.module_kwargs(c, text_output),
-                      CLIPTextTransformer, lambda t, k: clip_text.params_from_tensors(t, k["depth"], k["num_heads"]),
-                      _text_example)
+    unet, vae = _component(folder, "unet", dtype), _component(folder, "vae", dtype)
+    text = _component(folder, "text_encoder", dtype)
+    if text_output != "last":
+        text.module = text.module.clone(output=text_output)
     tokenizer = ClipTokenizer.from_folder(os.path.join(folder, "tokenizer"))
     spec = scheduler.read(os.path.join(folder, "scheduler"))
+    return assemble(unet, vae, text, tokenizer, spec, index, folder)
+
+
+def assemble(unet, vae, text, tokenizer, spec, index: dict, folder: str) -> Pipeline:
+    """The pipeline of these parts, once they are checked to fit together."""
     if text.module.width != unet.module.cross_attention_dim:
         raise ValueError(f"{folder}: the text encoder's width {text.module.width} is not the UNet's "
                          f"cross_attention_dim {unet.module.cross_attention_dim}")
@@ -190,6 +197,14 @@ def read(folder: str, dtype=None, text_output: str = "last") -> Pipeline:
         raise ValueError(f"{folder}: the tokenizer pads to {tokenizer.max_len} tokens, the text encoder has "
                          f"{text.module.max_len} positions")
     return Pipeline(unet, vae, text, tokenizer, spec, index, folder)
+
+
+KINDS = {  # component -> (config -> module kwargs, module class, (tensors, kwargs) -> params, example inputs)
+    "unet": (sd_unet.module_kwargs, SDUNet, sd_unet.params_from_tensors, _unet_example),
+    "vae": (autoencoder_kl.module_kwargs, AutoencoderKL, autoencoder_kl.params_from_tensors, _vae_example),
+    "text_encoder": (clip_text.module_kwargs, CLIPTextTransformer,
+                     lambda t, k: clip_text.params_from_tensors(t, k["depth"], k["num_heads"]), _text_example),
+}
 
 
 def is_pipeline(path: str) -> bool:

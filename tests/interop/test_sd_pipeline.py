@@ -158,3 +158,45 @@ def test_sample_py_on_a_diffusers_folder(tmp_path, capsys):
     assert sample.main(["--workdir", os.path.join(FIXTURE, "sd1"), "--prompt", "x", "--height", "36",
                         "--steps", "2", "--out", out]) == 2
     assert "multiples of 8" in capsys.readouterr().err
+
+
+SINGLE = {"sd1": {"vae": {"norm_num_groups": 4}, "unet": {"norm_num_groups": 8, "attention_head_dim": 2},
+                  "text_encoder": {"num_attention_heads": 4}},
+          "sd2": {"vae": {"norm_num_groups": 4}, "text_encoder": {"num_attention_heads": 4},
+                  "unet": {"norm_num_groups": 8, "attention_head_dim": [2, 4], "upcast_attention": True},
+                  "scheduler": {"prediction_type": "v_prediction", "timestep_spacing": "linspace"}}}
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2"])
+def test_single_file_loads_the_same_model(name):
+    """Original-format files (made from the folders by make_sd_single_file.py, checked there with
+    diffusers' own converters): every parameter equal, and the same samples."""
+    import jax
+
+    folder = mmjax.load(os.path.join(FIXTURE, name), dtype="float32")
+    single = mmjax.load(os.path.join(FIXTURE, f"{name}_single.safetensors"), configs=SINGLE[name],
+                        tokenizer=os.path.join(FIXTURE, name, "tokenizer"))
+    assert jax.tree.structure(single.params) == jax.tree.structure(folder.params)
+    for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(folder.params)):
+        np.testing.assert_array_equal(a, b)
+    assert single.modules.unet.use_linear_projection == (name == "sd2")
+    assert single.scheduler.prediction == folder.scheduler.prediction
+    assert single.modules.text_encoder.act == folder.modules.text_encoder.act
+
+
+def test_single_file_asks_for_what_its_shapes_cannot_tell(tmp_path):
+    path = os.path.join(FIXTURE, "sd2_single.safetensors")
+    with pytest.raises(ValueError, match="carries no tokenizer"):
+        mmjax.load(path)
+    tokenizer = os.path.join(FIXTURE, "sd2", "tokenizer")
+    with pytest.raises(ValueError, match="head count is unknown"):
+        mmjax.load(path, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="whether it predicts v"):
+        mmjax.load(path, tokenizer=tokenizer, configs={k: v for k, v in SINGLE["sd2"].items() if k != "scheduler"})
+    from mmjax.interop import safetensors_io
+
+    tensors = safetensors_io.read(path)
+    stray = str(tmp_path / "stray.safetensors")
+    safetensors_io.write(stray, {**tensors, "model.diffusion_model.extra_block.weight": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match="extra_block.weight' has no place"):
+        mmjax.load(stray, tokenizer=tokenizer, configs=SINGLE["sd2"])
