@@ -134,3 +134,24 @@ def edit(m: SDModules, params, images, source_tokens, target_tokens, uncond_toke
     x = invert_path(source, z0, t[::-1], level[::-1])
     target = guided(m, params, text_context(m, params, target_tokens), uncond, guidance)
     return run_path(target, x, jax.random.key(0), t, level, nxt, sampler=sampler)[0]
+
+
+def attention_maps(m: SDModules, params, tokens, uncond_tokens, noise, path, guidance, alphas_cumprod, key, *,
+                   sampler: str, size: tuple[int, int], noise_levels=(0.2, 0.4, 0.6, 0.8)):
+    """Final latents as `generate` makes them, and per-token cross-attention maps `[B, *size, L]`
+    (image resolution), averaged over heads, layers and `noise_levels`: the sample re-noised
+    to each level of the training schedule, the conditional UNet run once there, sowing its
+    attention probabilities (models/layers.py)."""
+    from mmjax.sampling import attention_maps as amaps
+    from mmjax.sampling.schedules import Schedule
+
+    z0 = generate(m, params, tokens, uncond_tokens, noise, path, guidance, sampler=sampler)
+    context = text_context(m, params, tokens)
+
+    def maps_at(x_t, t):
+        return m.unet.apply({"params": params["unet"]}, x_t, t.astype(jnp.float32), context,
+                            mutable=[amaps.COLLECTION])[1]
+
+    schedule = Schedule(alphas_cumprod=alphas_cumprod)
+    levels = [int(f * (alphas_cumprod.shape[0] - 1)) for f in noise_levels]
+    return z0, amaps.timestep_average(maps_at, schedule, z0, levels, key, size=size)

@@ -162,6 +162,40 @@ class StableDiffusion(Model):
                                                sampler=sampler, steps=steps, height=height, width=width,
                                                latents=latents))
 
+    def attention_maps(self, prompts, num: int = 1, seed: int = 0, *, guidance: float | None = None,
+                       negative_prompt=None, sampler: str | None = None, steps: int | None = None,
+                       height: int | None = None, width: int | None = None):
+        """Images as `generate` makes them (same seed, same images) and a heat map per word of
+        each prompt (its BPE tokens' cross-attention, summed): an `AttentionMaps` (images,
+        words, maps `[num, words, H, W]`), or a list of them for a list of prompts."""
+        import jax.numpy as jnp
+
+        from mmjax.handles.generators import AttentionMaps
+        from mmjax.sampling import attention_maps as amaps
+
+        single = isinstance(prompts, str)
+        prompts = self._prompt_list(prompts)
+        spans = [self.tokenizer.word_spans(p) for p in prompts]
+        for prompt, words in zip(prompts, spans):
+            if not words:
+                raise ValueError(f"the prompt {prompt!r} has no words to map")
+        num = _positive_int(num, "num")
+        sampler, steps, guidance = self._options(sampler, steps, guidance)
+        height, width = self._size(height, width)
+        tokens = jnp.repeat(self._tokens(prompts), num, axis=0)
+        shape = (len(tokens), height // self.factor, width // self.factor, self.modules.vae.latent_channels)
+        noise = self._noise(None, shape, seed, self.scheduler.noise_scale(sampler, steps))
+        latents, maps = self._run("attention_maps", tokens, self._uncond(negative_prompt, len(tokens)), noise,
+                                  self._path(sampler, steps), guidance, jnp.asarray(self.scheduler.alphas_cumprod),
+                                  jax.random.key(_seed(seed) + 1), sampler=sampler, size=(height, width))
+        images, maps = self.decode(latents), np.asarray(maps)
+        results = []
+        for i, words in enumerate(spans):
+            rows = slice(i * num, (i + 1) * num)
+            per_word = amaps.normalise(jnp.moveaxis(amaps.word_maps(maps[rows], words), -1, 1))
+            results.append(AttentionMaps(images[rows], [w for w, _, _ in words], np.asarray(per_word)))
+        return results[0] if single else results
+
     def img2img(self, images, prompts, strength: float = 0.6, seed: int = 0, *, guidance: float | None = None,
                 negative_prompt=None, sampler: str | None = None, steps: int | None = None) -> np.ndarray:
         """SDEdit as diffusers does it: the last `strength` of the `steps` timesteps, from the

@@ -218,3 +218,13 @@ def test_full_size_layouts_map_both_ways(model):
         built = diffusers_pipeline.build_component(part, layout["config"], tensors, part, part)
         count = sum(int(np.prod(v)) for k, v in layout["tensors"].items() if "position_ids" not in k)
         assert sum(x.size for x in jax.tree.leaves(built.params)) >= count
+
+
+def test_attention_maps_per_word():
+    model = mmjax.load(os.path.join(FIXTURE, "sd2"), dtype="float32")
+    result = model.attention_maps("a small RED square, top-left", num=2, steps=3, height=32, width=24)
+    assert result.words == ["a", "small", "RED", "square", "top-left"]
+    assert result.maps.shape == (2, 5, 32, 24) and np.allclose(result.maps.sum(axis=(2, 3)), 1, atol=1e-4)
+    images = model.generate("a small RED square, top-left", num=2, steps=3, height=32, width=24)
+    assert np.array_equal(result.images, images)  # the same seed draws the same images
+    assert not np.allclose(result.maps[:, 1], result.maps[:, 3])  # words look at different places
