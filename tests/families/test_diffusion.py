@@ -22,6 +22,7 @@ def psnr(a_uint8, b_uint8) -> float:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # 80 steps of the pixel UNet: the latent and flow families overfit in the default lane
 def test_overfits_one_batch():
     config = tiny_config("diffusion_shapes", "optim.lr=3e-3", "optim.warmup_steps=0",
                          "optim.schedule=constant", "loss.weighting=uniform", "loss.p_uncond=0.0")
@@ -31,7 +32,8 @@ def test_overfits_one_batch():
     assert last < 0.5 * first, (first, last)
 
 
-@pytest.mark.parametrize("prediction", sched.PREDICTIONS)
+# eps trains in the diffusion_run fixture and v in ldm_run (configs/ldm_shapes.py); x0 only here.
+@pytest.mark.parametrize("prediction", [p for p in sched.PREDICTIONS if p not in ("eps", "v")])
 @pytest.mark.e2e
 def test_loss_is_finite_for_every_prediction(prediction):
     config = tiny_config("diffusion_shapes", f"loss.prediction={prediction}")

@@ -1,5 +1,6 @@
 """Stable Diffusion folders through `mmjax.load`, against diffusers' own pipeline runs (fixtures)."""
 
+import functools
 import json
 import os
 import shutil
@@ -14,11 +15,16 @@ FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 RECORD = json.load(open(os.path.join(FIXTURE, "made_by.json")))
 
 
+@functools.cache
+def _model(name):
+    """One handle per fixture per process, so tests that ask for the same program share its compile."""
+    return mmjax.load(os.path.join(FIXTURE, name), dtype="float32")
+
+
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
 def case(request):
     name = request.param
-    return name, mmjax.load(os.path.join(FIXTURE, name), dtype="float32"), np.load(
-        os.path.join(FIXTURE, f"{name}_expected.npz"))
+    return name, _model(name), np.load(os.path.join(FIXTURE, f"{name}_expected.npz"))
 
 
 def test_timesteps_are_the_schedulers_own():
@@ -53,8 +59,9 @@ def test_stored_dtype_is_kept_unless_asked():
     assert leaf.dtype == np.float16 and model.params["vae"]["quant_conv"]["kernel"].dtype == np.float32
 
 
+@pytest.mark.e2e  # whole sampling programs end to end (several UNet + VAE compiles), as the zoo's are
 def test_editing_api_on_any_multiple_of_8():
-    model = mmjax.load(os.path.join(FIXTURE, "sd1"), dtype="float32")
+    model = _model("sd1")
     images = model.generate("a red square", num=2, steps=3, height=40, width=24, sampler="dpmpp_2m")
     assert images.shape == (2, 40, 24, 3) and images.dtype == np.uint8
     assert np.array_equal(images, model.generate("a red square", num=2, steps=3, height=40, width=24,
@@ -147,6 +154,7 @@ def test_export_gives_back_the_same_bytes(tmp_path, name):
     assert not os.path.exists(tmp_path / "again")
 
 
+@pytest.mark.e2e  # whole sampling programs end to end (several UNet + VAE compiles), as the zoo's are
 def test_sample_py_on_a_diffusers_folder(tmp_path, capsys):
     import sample
     from PIL import Image
@@ -173,7 +181,7 @@ def test_single_file_loads_the_same_model(name):
     diffusers' own converters): every parameter equal, and the same samples."""
     import jax
 
-    folder = mmjax.load(os.path.join(FIXTURE, name), dtype="float32")
+    folder = _model(name)
     single = mmjax.load(os.path.join(FIXTURE, f"{name}_single.safetensors"), configs=SINGLE[name],
                         tokenizer=os.path.join(FIXTURE, name, "tokenizer"))
     assert jax.tree.structure(single.params) == jax.tree.structure(folder.params)
@@ -220,8 +228,9 @@ def test_full_size_layouts_map_both_ways(model):
         assert sum(x.size for x in jax.tree.leaves(built.params)) >= count
 
 
+@pytest.mark.e2e  # whole sampling programs end to end (several UNet + VAE compiles), as the zoo's are
 def test_attention_maps_per_word():
-    model = mmjax.load(os.path.join(FIXTURE, "sd2"), dtype="float32")
+    model = _model("sd2")
     result = model.attention_maps("a small RED square, top-left", num=2, steps=3, height=32, width=24)
     assert result.words == ["a", "small", "RED", "square", "top-left"]
     assert result.maps.shape == (2, 5, 32, 24) and np.allclose(result.maps.sum(axis=(2, 3)), 1, atol=1e-4)
