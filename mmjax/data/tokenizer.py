@@ -287,15 +287,9 @@ class WordTokenizer(_Counting):
     def word_spans(self, prompt: str) -> list[tuple[str, int, int]]:
         """`(word, start, end)` for each word of `prompt` with a token in the row: tokens
         `start:end` (row positions, BOS at 0) are the ones whose text lies in the word."""
-        from mmjax.sampling.attention_maps import WORD  # words as attention maps name them
+        from mmjax.sampling.attention_maps import spans_from_offsets  # words as attention maps name them
 
-        offsets = self._ids(prompt).offsets[: self.max_len - 2]
-        spans = []
-        for match in WORD.finditer(prompt):
-            inside = [i for i, (a, b) in enumerate(offsets) if a < match.end() and b > match.start()]
-            if inside:
-                spans.append((match.group(), 1 + inside[0], 2 + inside[-1]))
-        return spans
+        return spans_from_offsets(prompt, self._ids(prompt).offsets[: self.max_len - 2])
 
 
 # ----------------------------------------------------------------------------- from a config

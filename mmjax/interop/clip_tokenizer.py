@@ -145,17 +145,10 @@ class ClipTokenizer:
         """`(word, start, end)` for each word of `prompt` with a token in the row: row positions
         `start:end` (the start token at 0) hold the BPE tokens whose text lies in the word. A
         word cut off by the row's length is dropped, one cut short keeps what survives."""
-        from mmjax.sampling.attention_maps import WORD
+        from mmjax.sampling.attention_maps import spans_from_offsets
 
         encoding = self._tok.encode(str(prompt), add_special_tokens=False)
-        room = self.max_len - 2
-        offsets = encoding.offsets[:room]
-        spans = []
-        for match in WORD.finditer(prompt):
-            inside = [i for i, (a, b) in enumerate(offsets) if a < match.end() and b > match.start()]
-            if inside:
-                spans.append((match.group(), 1 + inside[0], 2 + inside[-1]))
-        return spans
+        return spans_from_offsets(prompt, encoding.offsets[: self.max_len - 2])
 
     def decode(self, rows) -> list[str]:
         """Each row's text up to its end token (lower-cased, whitespace as CLIP normalised it)."""

@@ -135,6 +135,18 @@ def word_spans(prompt: str, bos: int = 1, max_len: int | None = None) -> list[tu
     return spans
 
 
+def spans_from_offsets(prompt: str, offsets: Sequence[tuple[int, int]]) -> list[tuple[str, int, int]]:
+    """`(word, start, end)` for each word of `prompt` that has a token: `offsets` are the
+    character ranges of the row's content tokens (the row holds one start token first), and
+    the tokens overlapping a word are its span. For subword and word tokenizers."""
+    spans = []
+    for match in WORD.finditer(prompt):
+        inside = [i for i, (a, b) in enumerate(offsets) if a < match.end() and b > match.start()]
+        if inside:
+            spans.append((match.group(), 1 + inside[0], 2 + inside[-1]))
+    return spans
+
+
 def word_maps(maps: jax.Array, spans: Sequence[tuple[str, int, int]]) -> jax.Array:
     """Token maps `[..., L]` -> word maps `[..., len(spans)]`: each the sum over its tokens.
 

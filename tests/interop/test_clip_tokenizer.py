@@ -73,3 +73,17 @@ def test_bad_folders_and_arguments_are_named(tmp_path):
     with pytest.raises(TypeError, match="list of prompts"):
         ClipTokenizer.from_folder(FIXTURE).encode("a red square")
     assert EOS in vocab
+
+
+def test_word_spans_cover_each_words_bpe_tokens():
+    tok = ClipTokenizer.from_files(os.path.join(FIXTURE, "vocab.json"), os.path.join(FIXTURE, "merges.txt"))
+    prompt = "Please paint a RED square-ish thing; it's café"
+    spans = tok.word_spans(prompt)
+    assert [w for w, _, _ in spans] == ["Please", "paint", "a", "RED", "square-ish", "thing", "it's", "café"]
+    row = tok.encode([prompt])[0]
+    text = {w: tok._tok.decode([int(i) for i in row[a:b]]).replace("</w>", "") for w, a, b in spans}
+    assert text["RED"] == "red" and text["square-ish"].replace(" ", "") == "square-ish"
+    assert text["it's"].replace(" ", "") == "it's"
+    short = ClipTokenizer.from_files(os.path.join(FIXTURE, "vocab.json"), os.path.join(FIXTURE, "merges.txt"),
+                                     max_len=5)
+    assert [w for w, _, _ in short.word_spans(prompt)] == ["Please", "paint", "a"]  # the rest is cut off
