@@ -81,7 +81,7 @@ def guided(m: SDModules, params, context, uncond, guidance, extra=None):
     return denoise_at
 
 
-def generate(m: SDModules, params, tokens, uncond_tokens, noise, path, guidance, *, sampler: str):
+def generate(m: SDModules, params, tokens, uncond_tokens, noise, path, guidance, key, *, sampler: str):
     """`noise` (unit normal, already scaled by the path's start) -> final scaled latents."""
     context, uncond = text_context(m, params, tokens), text_context(m, params, uncond_tokens)
     extra = None
@@ -90,20 +90,21 @@ def generate(m: SDModules, params, tokens, uncond_tokens, noise, path, guidance,
         extra = jnp.concatenate([jnp.ones(shape), jnp.zeros(noise.shape[:-1] + (m.vae.latent_channels,))], -1)
     denoise = guided(m, params, context, uncond, guidance, extra)
     t, level, nxt = path
-    return run_path(denoise, noise, jax.random.key(0), t, level, nxt, sampler=sampler)[0]
+    return run_path(denoise, noise, key, t, level, nxt, sampler=sampler)[0]
 
 
-def img2img(m: SDModules, params, images, tokens, uncond_tokens, noise, path, guidance, *, sampler: str):
+def img2img(m: SDModules, params, images, tokens, uncond_tokens, noise, path, guidance, key, *, sampler: str):
     """SDEdit as diffusers' img2img: the image's latents noised to the path's first level."""
     z0 = encode(m, params, images)
     t, level, nxt = path
     x = jnp.sqrt(level[0]) * z0 + jnp.sqrt(1.0 - level[0]) * noise
     context, uncond = text_context(m, params, tokens), text_context(m, params, uncond_tokens)
     denoise = guided(m, params, context, uncond, guidance)
-    return run_path(denoise, x, jax.random.key(0), t, level, nxt, sampler=sampler)[0]
+    return run_path(denoise, x, key, t, level, nxt, sampler=sampler)[0]
 
 
-def inpaint(m: SDModules, params, images, masks, tokens, uncond_tokens, noise, path, guidance, *, sampler: str):
+def inpaint(m: SDModules, params, images, masks, tokens, uncond_tokens, noise, path, guidance, key, *,
+            sampler: str):
     """Regenerates latents where `masks` (`[B, h, w, 1]` at latent size, 1 = regenerate) is set.
     An ordinary checkpoint blends: after every step the kept latents are put back, noised to the
     level reached. An inpainting checkpoint reads the mask and the masked image instead."""
@@ -114,13 +115,13 @@ def inpaint(m: SDModules, params, images, masks, tokens, uncond_tokens, noise, p
         pixel_masks = jax.image.resize(masks, images.shape[:3] + (1,), "nearest")
         kept = encode(m, params, images * (1.0 - pixel_masks))  # diffusers zeroes the masked pixels
         denoise = guided(m, params, context, uncond, guidance, jnp.concatenate([masks, kept], axis=-1))
-        return run_path(denoise, noise, jax.random.key(0), t, level, nxt, sampler=sampler)[0]
+        return run_path(denoise, noise, key, t, level, nxt, sampler=sampler)[0]
     denoise = guided(m, params, context, uncond, guidance)
 
     def keep_known(x, abar):
         return masks * x + (1.0 - masks) * (jnp.sqrt(abar) * z0 + jnp.sqrt(1.0 - abar) * noise)
 
-    return run_path(denoise, noise, jax.random.key(0), t, level, nxt, sampler=sampler, after=keep_known)[0]
+    return run_path(denoise, noise, key, t, level, nxt, sampler=sampler, after=keep_known)[0]
 
 
 def edit(m: SDModules, params, images, source_tokens, target_tokens, uncond_tokens, path, guidance, *,
@@ -145,7 +146,7 @@ def attention_maps(m: SDModules, params, tokens, uncond_tokens, noise, path, gui
     from mmjax.sampling import attention_maps as amaps
     from mmjax.sampling.schedules import Schedule
 
-    z0 = generate(m, params, tokens, uncond_tokens, noise, path, guidance, sampler=sampler)
+    z0 = generate(m, params, tokens, uncond_tokens, noise, path, guidance, key, sampler=sampler)
     context = text_context(m, params, tokens)
 
     def maps_at(x_t, t):
@@ -154,4 +155,4 @@ def attention_maps(m: SDModules, params, tokens, uncond_tokens, noise, path, gui
 
     schedule = Schedule(alphas_cumprod=alphas_cumprod)
     levels = [int(f * (alphas_cumprod.shape[0] - 1)) for f in noise_levels]
-    return z0, amaps.timestep_average(maps_at, schedule, z0, levels, key, size=size)
+    return z0, amaps.timestep_average(maps_at, schedule, z0, levels, jax.random.fold_in(key, 2), size=size)

@@ -99,6 +99,12 @@ class StableDiffusion(Model):
             noise = jnp.asarray(noise)
         return noise * scale
 
+    @staticmethod
+    def _steps_key(seed) -> jax.Array:
+        """The key of a stochastic sampler's (ddpm's) per-step noise: the seed's, apart from the
+        starting noise's."""
+        return jax.random.fold_in(jax.random.key(_seed(seed)), 1)
+
     def _sd_images(self, images, what: str = "images") -> jax.Array:
         x = np.asarray(images)
         if x.ndim == 3:
@@ -142,7 +148,7 @@ class StableDiffusion(Model):
         shape = (len(tokens), height // self.factor, width // self.factor, self.modules.vae.latent_channels)
         noise = self._noise(latents, shape, seed, self.scheduler.noise_scale(sampler, steps))
         out = self._run("generate", tokens, self._uncond(negative_prompt, len(tokens)), noise,
-                        self._path(sampler, steps), guidance, sampler=sampler)
+                        self._path(sampler, steps), guidance, self._steps_key(seed), sampler=sampler)
         return np.asarray(jax.device_get(out))
 
     def decode(self, latents) -> np.ndarray:
@@ -187,7 +193,7 @@ class StableDiffusion(Model):
         noise = self._noise(None, shape, seed, self.scheduler.noise_scale(sampler, steps))
         latents, maps = self._run("attention_maps", tokens, self._uncond(negative_prompt, len(tokens)), noise,
                                   self._path(sampler, steps), guidance, jnp.asarray(self.scheduler.alphas_cumprod),
-                                  jax.random.key(_seed(seed) + 1), sampler=sampler, size=(height, width))
+                                  self._steps_key(seed), sampler=sampler, size=(height, width))
         images, maps = self.decode(latents), np.asarray(maps)
         results = []
         for i, words in enumerate(spans):
@@ -206,7 +212,8 @@ class StableDiffusion(Model):
         shape = (len(x), x.shape[1] // self.factor, x.shape[2] // self.factor, self.modules.vae.latent_channels)
         noise = self._noise(None, shape, seed, 1.0)
         out = self._run("img2img", x, tokens, self._uncond(negative_prompt, len(x)), noise,
-                        self._path(sampler, steps, _fraction(strength, "strength")), guidance, sampler=sampler)
+                        self._path(sampler, steps, _fraction(strength, "strength")), guidance, self._steps_key(seed),
+                        sampler=sampler)
         return self.decode(out)
 
     def inpaint(self, images, masks, prompts, seed: int = 0, *, guidance: float | None = None,
@@ -230,7 +237,7 @@ class StableDiffusion(Model):
         noise = self._noise(None, shape, seed, self.scheduler.noise_scale(sampler, steps))
         out = self._run("inpaint", x, jnp.asarray(cells[..., None], jnp.float32), tokens,
                         self._uncond(negative_prompt, len(x)), noise, self._path(sampler, steps), guidance,
-                        sampler=sampler)
+                        self._steps_key(seed), sampler=sampler)
         return np.where(pixel[..., None], self.decode(out), to_uint8(np.asarray(x)))
 
     def edit(self, images, source_prompts, target_prompts, *, strength: float = 0.8, steps: int | None = None,

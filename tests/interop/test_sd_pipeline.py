@@ -237,3 +237,12 @@ def test_attention_maps_per_word():
     images = model.generate("a small RED square, top-left", num=2, steps=3, height=32, width=24)
     assert np.array_equal(result.images, images)  # the same seed draws the same images
     assert not np.allclose(result.maps[:, 1], result.maps[:, 3])  # words look at different places
+
+
+def test_ddpm_steps_follow_the_seed():
+    model = _model("sd1")
+    z = np.random.default_rng(0).normal(size=(1, 4, 4, 4)).astype(np.float32)
+    run = lambda seed: model.sample_latents("a red square", steps=3, sampler="ddpm", height=32, width=32,  # noqa: E731
+                                            latents=z, seed=seed)
+    first = run(0)
+    assert not np.allclose(first, run(1)) and np.array_equal(first, run(0))
